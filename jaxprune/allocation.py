@@ -1,0 +1,130 @@
+"""Per-leaf sparsity: uniform, Erdős–Rényi-kernel (ERK) or a per-path mapping.
+
+Allocation is static: it reads paths and shapes only, so it runs once at
+trace time and costs nothing under ``jit``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+Sparsity = Union[float, Mapping[str, float]]
+
+__all__ = ["check_sparsity", "uniform", "erk", "from_mapping", "allocate"]
+
+
+def check_sparsity(value: Any, name: str = "sparsity") -> None:
+    """Raises ``ValueError`` unless ``value`` is a number in [0, 1] (not NaN).
+
+    Traced values (inside ``jit``) cannot be checked here; they are clipped to
+    [0, 1] where they are used.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number in [0, 1], got bool {value!r}")
+    if isinstance(value, (int, float, np.number)) or (
+            hasattr(value, "shape") and np.shape(value) == () and not _is_tracer(value)):
+        v = float(value)
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+
+
+def _is_tracer(x: Any) -> bool:
+    import jax
+    return isinstance(x, jax.core.Tracer)
+
+
+def uniform(sparsity: float, shapes: Sequence[tuple]) -> list[float]:
+    """The same sparsity for every leaf."""
+    return [sparsity] * len(shapes)
+
+
+def erk(sparsity: float, shapes: Sequence[tuple], power: float = 1.0) -> list[float]:
+    """Erdős–Rényi-kernel allocation (Evci et al. 2020, "Rigging the Lottery:
+    Making All Tickets Winners"; Mocanu et al. 2018 for Erdős–Rényi).
+
+    The density of a leaf is proportional to ``eps * (sum(shape) /
+    prod(shape)) ** power``; ``eps`` is solved so that the total number of
+    kept weights equals ``(1 - sparsity) * N``. Leaves whose density would
+    exceed 1 are made dense and ``eps`` is solved again for the rest.
+
+    >>> [round(s, 3) for s in erk(0.9, [(100, 100), (100, 10)])]
+    [0.929, 0.61]
+    """
+    check_sparsity(sparsity)
+    sizes = [int(np.prod(s)) for s in shapes]
+    raw = [(sum(s) / max(np.prod(s), 1)) ** power for s in shapes]
+    dense: set[int] = set()
+    while True:
+        rhs, divisor = 0.0, 0.0
+        for i, n in enumerate(sizes):
+            if i in dense:
+                rhs -= n * sparsity  # dense leaves take back their zeros
+            else:
+                rhs += n * (1.0 - sparsity)
+                divisor += raw[i] * n
+        if divisor == 0.0:
+            return [0.0 if i in dense else 1.0 for i in range(len(sizes))]
+        eps = rhs / divisor
+        over = [i for i in range(len(sizes)) if i not in dense and eps * raw[i] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return [0.0 if i in dense else float(min(max(1.0 - eps * raw[i], 0.0), 1.0))
+            for i in range(len(sizes))]
+
+
+def from_mapping(mapping: Mapping[str, float], paths: Sequence[str]) -> list[float]:
+    """Per-leaf sparsity from ``{path_regex: sparsity}``.
+
+    A key equal to a path wins; otherwise the first key (in mapping order)
+    whose regex is found in the path applies. A selected leaf that no key
+    matches raises ``ValueError`` naming it.
+
+    >>> from_mapping({"Dense_0": 0.5, ".*": 0.9}, ["Dense_0/kernel", "Dense_1/kernel"])
+    [0.5, 0.9]
+    """
+    compiled = []
+    for key, value in mapping.items():
+        check_sparsity(value, f"sparsity[{key!r}]")
+        try:
+            compiled.append((key, re.compile(key), value))
+        except re.error as e:
+            raise ValueError(f"sparsity key {key!r} is not a valid regex: {e}") from None
+    out = []
+    for path in paths:
+        if path in mapping:
+            out.append(mapping[path])
+            continue
+        hit = next((v for _, rx, v in compiled if rx.search(path)), None)
+        if hit is None:
+            raise ValueError(
+                f"leaf '{path}' is selected but no key of the sparsity mapping "
+                f"{list(mapping)} matches it; add a key or narrow `where`")
+        out.append(hit)
+    return out
+
+
+def allocate(sparsity: Any, distribution: Any, paths: Sequence[str],
+             shapes: Sequence[tuple]) -> list[Any]:
+    """Resolves ``sparsity`` and ``distribution`` to one sparsity per leaf.
+
+    ``sparsity`` is a float (possibly traced) or a mapping path-regex ->
+    float; ``distribution`` is "uniform", "erk" or such a mapping (then it
+    overrides ``sparsity``).
+    """
+    if isinstance(distribution, Mapping):
+        return from_mapping(distribution, paths)
+    if isinstance(sparsity, Mapping):
+        return from_mapping(sparsity, paths)
+    check_sparsity(sparsity)
+    if distribution == "uniform":
+        return uniform(sparsity, shapes)
+    if distribution == "erk":
+        if _is_tracer(sparsity) or not isinstance(sparsity, (int, float, np.number)):
+            raise TypeError("distribution='erk' needs a static Python float sparsity")
+        return erk(float(sparsity), shapes)
+    raise ValueError(f"distribution must be 'uniform', 'erk' or a mapping, got {distribution!r}")

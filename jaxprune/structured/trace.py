@@ -1,0 +1,220 @@
+"""Coupled axes of a JAX function, found by walking its jaxpr.
+
+A node is one axis of one jaxpr variable. Each primitive rule (see
+``rules.py``) unites the nodes that carry the same channel index (the idea of
+DepGraph, Fang et al. 2023, "DepGraph: Towards Any Structural Pruning", CVPR,
+applied to jaxpr equations instead of autograd hooks).
+
+Axes that are split or merged (``reshape`` of heads x head_dim, ``concatenate``
+of branches, ``slice``/``split``) are not atoms: a class may carry a *structure*
+``("prod", children)`` (row-major product) or ``("sum", children)`` (direct
+concatenation). Only the atoms (classes without structure) become groups, so
+pruning a head removes its ``head_dim`` block in every merged axis and pruning a
+concatenated branch's channel moves every offset. Two different structures on
+one class are not reconciled: the class is frozen (never guessed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["UnionFind", "Tracer", "StructuredPruningError"]
+
+
+class StructuredPruningError(ValueError):
+    """Raised when a model cannot be analysed or shrunk safely."""
+
+
+class UnionFind:
+    """Union-find over axis nodes, with sizes, frozen flags and structures."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.frozen: dict[int, str] = {}
+        self.struct: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def freeze(self, a: int, reason: str) -> None:
+        r = self.find(a)
+        self.frozen.setdefault(r, reason)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            raise StructuredPruningError(
+                f"internal: uniting axes of sizes {self.size[ra]} and {self.size[rb]}")
+        self.parent[rb] = ra
+        if rb in self.frozen:
+            self.frozen.setdefault(ra, self.frozen.pop(rb))
+        sb = self.struct.pop(rb, None)
+        if sb is not None:
+            self._add_struct(ra, sb)
+
+    def set_struct(self, a: int, kind: str, children: Sequence[int]) -> None:
+        """Declares ``a`` = prod/sum of ``children`` (size-1 / size-0 parts dropped)."""
+        drop = 1 if kind == "prod" else 0
+        kids = tuple(c for c in children if self.size[self.find(c)] != drop)
+        if not kids:
+            return
+        if len(kids) == 1:
+            self.union(a, kids[0])
+            return
+        self._add_struct(self.find(a), (kind, kids))
+
+    def _add_struct(self, root: int, st: tuple[str, tuple[int, ...]]) -> None:
+        old = self.struct.get(root)
+        if old is None:
+            self.struct[root] = st
+            return
+        same = old[0] == st[0] and len(old[1]) == len(st[1]) and all(
+            self.size[self.find(x)] == self.size[self.find(y)] for x, y in zip(old[1], st[1]))
+        if same:
+            for x, y in zip(old[1], st[1]):
+                self.union(x, y)
+            return
+        # Two incompatible splittings of one axis: refuse to prune any part.
+        self.freeze(root, "axis is split in two incompatible ways")
+        for c in st[1]:
+            self.freeze(c, "axis is split in two incompatible ways")
+
+    # -- after tracing -------------------------------------------------
+    def atoms(self, a: int) -> list[int]:
+        """Atom roots below ``a`` (in layout order, duplicates kept)."""
+        r = self.find(a)
+        st = self.struct.get(r)
+        if st is None:
+            return [r]
+        return [x for c in st[1] for x in self.atoms(c)]
+
+    def frozen_atoms(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for r, reason in list(self.frozen.items()):
+            for atom in self.atoms(r):
+                out.setdefault(atom, reason)
+        return out
+
+    def kept(self, a: int, keep: dict[int, np.ndarray]) -> np.ndarray:
+        """Indices of axis ``a`` that survive when atom ``t`` keeps ``keep[t]``."""
+        r = self.find(a)
+        st = self.struct.get(r)
+        if st is None:
+            return np.asarray(keep.get(r, np.arange(self.size[r])), dtype=np.int64)
+        kind, kids = st
+        if kind == "sum":
+            parts, offset = [], 0
+            for c in kids:
+                parts.append(self.kept(c, keep) + offset)
+                offset += self.size[self.find(c)]
+            return np.concatenate(parts)
+        idx = np.zeros((1,), np.int64)
+        for c in kids:
+            sub = self.kept(c, keep)
+            idx = (idx[:, None] * self.size[self.find(c)] + sub[None, :]).reshape(-1)
+        return idx
+
+    def labels(self, a: int, atom: int) -> Optional[np.ndarray]:
+        """For each index of axis ``a``: the channel of ``atom`` it belongs to (-1: none)."""
+        r = self.find(a)
+        if r == atom:
+            return np.arange(self.size[r])
+        st = self.struct.get(r)
+        if st is None:
+            return None
+        kind, kids = st
+        subs = [self.labels(c, atom) for c in kids]
+        if all(s is None for s in subs):
+            return None
+        sizes = [self.size[self.find(c)] for c in kids]
+        if kind == "sum":
+            return np.concatenate([s if s is not None else np.full(n, -1)
+                                   for s, n in zip(subs, sizes)])
+        out = np.full(sizes, -1, np.int64)
+        for i, s in enumerate(subs):
+            if s is not None:
+                shape = [1] * len(sizes)
+                shape[i] = sizes[i]
+                cand = np.broadcast_to(s.reshape(shape), sizes)
+                out = np.where(out < 0, cand, out)
+        return out.reshape(-1)
+
+
+Rule = Callable[["Tracer", Any, tuple, tuple], None]
+
+
+class Tracer:
+    """Walks a (closed) jaxpr and unites coupled axis nodes.
+
+    Variables are keyed by ``(scope, var)``: a scope is the tuple of equation
+    indices leading into a sub-jaxpr, so a cached sub-jaxpr (``jit`` of
+    ``relu``) called twice does not couple its two call sites.
+    """
+
+    def __init__(self, rules: dict[str, Rule]) -> None:
+        self.uf = UnionFind()
+        self.rules = rules
+        self.nodes: dict[tuple, list[int]] = {}
+
+    def axes(self, var: Any, scope: tuple) -> list[int]:
+        """Node ids of the axes of ``var`` (``[]`` for a literal)."""
+        if type(var).__name__ == "Literal":
+            return []
+        key = (scope, var)
+        got = self.nodes.get(key)
+        if got is None:
+            shape = getattr(var.aval, "shape", ())
+            got = [self.uf.new(n) for n in shape]
+            self.nodes[key] = got
+        return got
+
+    def shape(self, var: Any) -> tuple:
+        return tuple(getattr(var.aval, "shape", ()))
+
+    def unite_vars(self, a: Any, sa: tuple, b: Any, sb: tuple) -> None:
+        xa, xb = self.axes(a, sa), self.axes(b, sb)
+        if len(xa) != len(xb):
+            raise StructuredPruningError("internal: rank mismatch between coupled variables")
+        for p, q in zip(xa, xb):
+            self.uf.union(p, q)
+
+    def freeze_var(self, var: Any, scope: tuple, reason: str) -> None:
+        for n in self.axes(var, scope):
+            self.uf.freeze(n, reason)
+
+    def walk(self, jaxpr: Any, scope: tuple) -> None:
+        for i, eqn in enumerate(jaxpr.eqns):
+            name = eqn.primitive.name
+            rule = self.rules.get(name)
+            if rule is None:
+                touched = [v for v in itertools.chain(eqn.invars, eqn.outvars)
+                           if any(d > 1 for d in getattr(getattr(v, "aval", None), "shape", ()))]
+                if touched:
+                    raise StructuredPruningError(
+                        f"unsupported primitive '{name}' in equation `{_eqn_text(eqn)}`; "
+                        "jaxprune.structured cannot tell which axes it couples. Register a rule "
+                        "in jaxprune.structured.rules.TRACE_RULES or keep this op out of the "
+                        "traced function.")
+                continue
+            rule(self, eqn, scope, scope + (i,))
+
+
+def _eqn_text(eqn: Any) -> str:
+    text = str(eqn).replace("\n", " ")
+    return text if len(text) < 200 else text[:197] + "..."

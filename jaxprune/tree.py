@@ -1,0 +1,191 @@
+"""Leaf paths and ``where=`` selectors: the one place that knows pytree plumbing.
+
+Every leaf in jaxprune is named by its '/'-joined key path, e.g.
+``params/Dense_0/kernel`` for a Flax Linen variable dict or ``layers/0/kernel``
+for a Flax NNX ``State``. NNX wraps arrays in ``Variable`` nodes whose payload
+sits behind a trailing ``.value`` attribute key; that key is dropped so that a
+``State`` and its pure dict name their leaves identically.
+
+A ``where=`` selector is one of:
+
+* ``None`` -- floating-point leaves with ``ndim >= 2`` (kernels, embeddings);
+* a ``str`` -- a regular expression searched (``re.search``) in the path;
+* a callable ``(path, leaf) -> bool``;
+* a pytree of Python bools with the same structure as the tree.
+
+Selection is static (decided from paths, shapes and dtypes), so it is free
+under ``jit``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Where = Union[None, str, Callable[[str, Any], bool], PyTree]
+
+__all__ = [
+    "path_str",
+    "leaves_with_paths",
+    "paths",
+    "select",
+    "is_mask_leaf",
+    "check_same_structure",
+]
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+    """Joins a ``jax.tree_util`` key path into a '/'-separated string.
+
+    >>> import jax
+    >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0]]
+    ['a/0', 'a/1']
+    """
+    keys = list(key_path)
+    # NNX Variables flatten to (..., GetAttrKey('value')); drop it so that
+    # State and State.to_pure_dict() share paths.
+    if keys and type(keys[-1]).__name__ == "GetAttrKey" and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_key_str(k) for k in keys)
+
+
+def _none_is_leaf(x: Any) -> bool:
+    return x is None
+
+
+def leaves_with_paths(tree: PyTree, *, keep_none: bool = False) -> list[tuple[str, Any]]:
+    """Returns ``[(path, leaf), ...]`` in ``jax.tree.leaves`` order.
+
+    With ``keep_none=True`` a ``None`` (an unselected mask leaf) is listed as a
+    leaf instead of vanishing as an empty subtree.
+    """
+    is_leaf = _none_is_leaf if keep_none else None
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def paths(tree: PyTree) -> list[str]:
+    """The '/'-joined path of every leaf of ``tree``, in leaf order.
+
+    >>> paths({"params": {"Dense_0": {"kernel": 0, "bias": 1}}})
+    ['params/Dense_0/bias', 'params/Dense_0/kernel']
+    """
+    return [p for p, _ in leaves_with_paths(tree)]
+
+
+def _is_floating(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _default_selected(path: str, leaf: Any) -> bool:
+    return _is_floating(leaf) and np.ndim(leaf) >= 2
+
+
+def select(tree: PyTree, where: Where = None, *, require_any: bool = True) -> list[bool]:
+    """Evaluates a ``where=`` selector to one Python bool per leaf of ``tree``.
+
+    Args:
+      tree: any pytree of arrays (Flax variables, NNX ``State``, tuples, ...).
+      where: ``None``, a regex ``str``, a callable ``(path, leaf) -> bool`` or
+        a bool pytree shaped like ``tree`` (see the module docstring).
+      require_any: raise if nothing is selected (a selector that matches no
+        leaf is almost always a typo, and an empty mask would hide it).
+
+    Returns:
+      ``list[bool]`` aligned with ``jax.tree.leaves(tree)``.
+
+    >>> import jax.numpy as jnp
+    >>> select({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})
+    [False, True]
+    >>> select({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, where="b$")
+    [True, False]
+    """
+    items = leaves_with_paths(tree)
+    if where is None:
+        chosen = [_default_selected(p, leaf) for p, leaf in items]
+    elif isinstance(where, str):
+        try:
+            pattern = re.compile(where)
+        except re.error as e:
+            raise ValueError(f"where={where!r} is not a valid regular expression: {e}") from None
+        chosen = [bool(pattern.search(p)) and _is_floating(leaf) for p, leaf in items]
+    elif callable(where) and not isinstance(where, (dict, list, tuple)):
+        chosen = [bool(where(p, leaf)) for p, leaf in items]
+    else:
+        chosen = _select_from_tree(tree, where, items)
+    if require_any and not any(chosen):
+        raise ValueError(
+            f"where={_short(where)} selects no leaf; the tree has leaves "
+            f"{[p for p, _ in items][:8]}{' ...' if len(items) > 8 else ''}. "
+            "The default selects floating leaves with ndim >= 2.")
+    return chosen
+
+
+def _select_from_tree(tree: PyTree, where: PyTree, items: list) -> list[bool]:
+    def leaf_or_prefix(path, w, subtree):
+        if not isinstance(w, (bool, np.bool_)):
+            raise TypeError(
+                f"where tree has a non-bool leaf {w!r} at '{path_str(path)}'; a "
+                "where pytree must hold Python bools")
+        return [bool(w)] * len(jax.tree.leaves(subtree))
+
+    try:
+        nested = jax.tree_util.tree_map_with_path(leaf_or_prefix, where, tree)
+    except ValueError as e:
+        raise ValueError(
+            "where tree does not match the structure of the pytree "
+            f"(leaves {[p for p, _ in items][:8]}): {e}") from None
+    return [b for group in jax.tree.leaves(nested, is_leaf=lambda x: isinstance(x, list))
+            for b in group]
+
+
+def _short(where: Any) -> str:
+    text = repr(where)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def is_mask_leaf(leaf: Any) -> bool:
+    """True for a boolean array leaf (a mask), False for anything else."""
+    return getattr(leaf, "dtype", None) == jnp.bool_
+
+
+def check_same_structure(a: PyTree, b: PyTree, a_name: str, b_name: str,
+                         *, b_none_ok: bool = False, check_shapes: bool = True) -> None:
+    """Raises ``ValueError`` naming the first path where ``a`` and ``b`` differ.
+
+    With ``b_none_ok`` a ``None`` leaf in ``b`` matches any leaf of ``a`` (an
+    unselected mask leaf).
+    """
+    a_items = leaves_with_paths(a)
+    b_items = leaves_with_paths(b, keep_none=b_none_ok)
+    a_paths = [p for p, _ in a_items]
+    b_paths = [p for p, _ in b_items]
+    if a_paths != b_paths:
+        missing = [p for p in a_paths if p not in set(b_paths)]
+        extra = [p for p in b_paths if p not in set(a_paths)]
+        first = (missing or extra or [next(x for x, y in zip(a_paths, b_paths) if x != y)])[0]
+        raise ValueError(
+            f"{a_name} and {b_name} have different tree structures: first mismatch at "
+            f"'{first}' (only in {a_name}: {missing[:5]}, only in {b_name}: {extra[:5]})")
+    if not check_shapes:
+        return
+    for (path, x), (_, y) in zip(a_items, b_items):
+        if y is None:
+            continue
+        if np.shape(x) != np.shape(y):
+            raise ValueError(
+                f"{a_name} and {b_name} differ in shape at '{path}': "
+                f"{np.shape(x)} vs {np.shape(y)}")
