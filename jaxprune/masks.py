@@ -68,12 +68,10 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
                   min_density: float = 0.0) -> list[jax.Array]:
     """Keep-masks (True = keep) for a list of score arrays; the shared engine
     of unstructured, block and channel masks."""
-    wide = any(jnp.dtype(x.dtype).itemsize > 4 for x in xs)
     if scope == "local":
         per_leaf = allocation.allocate(sparsity, distribution, paths,
                                        [tuple(x.shape) for x in xs])
-        return [~threshold.lowest([threshold.order_keys(x, wide)],
-                                  threshold.prune_count(s, x.size))[0]
+        return [~threshold.lowest([x], threshold.prune_count(s, x.size))[0]
                 for x, s in zip(xs, per_leaf)]
     if scope != "global":
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
@@ -82,30 +80,22 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
                          "sparsity mappings and distribution='erk' need scope='local'")
     allocation.check_sparsity(sparsity)
     allocation.check_sparsity(min_density, "min_density")
-    keys = [threshold.order_keys(_normalized(x, normalize, p), wide) for p, x in zip(paths, xs)]
+    xs = [_normalized(x, normalize, p) for p, x in zip(paths, xs)]
     total = sum(x.size for x in xs)
     n_prune = threshold.prune_count(sparsity, total)
+    protected = None
     if min_density > 0.0:
-        keys, protected = _protect_top(keys, min_density)
-        free = total - protected
+        # Each leaf's top ceil(min_density * n) entries rank above every other
+        # score, so one global threshold cannot empty a layer (layer collapse).
+        keep_n = [min(math.ceil(min_density * x.size), x.size) for x in xs]
+        protected = [~threshold.lowest([x], x.size - k)[0] for x, k in zip(xs, keep_n)]
+        free = total - sum(keep_n)
         if isinstance(n_prune, int) and n_prune > free:
             raise ValueError(
                 f"sparsity={sparsity} prunes {n_prune} of {total} entries but "
-                f"min_density={min_density} keeps {protected}; lower one of them")
-        n_prune = jnp.minimum(n_prune, free) if not isinstance(n_prune, int) else n_prune
-    return [~p for p in threshold.lowest(keys, n_prune)]
-
-
-def _protect_top(keys: list[jax.Array], min_density: float):
-    """Raises the top ``ceil(min_density * n)`` keys of every leaf to the
-    maximum key so a global threshold cannot empty a layer (layer collapse)."""
-    out, protected = [], 0
-    for k in keys:
-        keep_n = min(math.ceil(min_density * k.size), k.size)
-        protected += keep_n
-        top = ~threshold.lowest([k], k.size - keep_n)[0]
-        out.append(jnp.where(top, jnp.asarray(threshold.max_key(k.dtype.itemsize > 4), k.dtype), k))
-    return out, protected
+                f"min_density={min_density} keeps {sum(keep_n)}; lower one of them")
+        n_prune = min(n_prune, free) if isinstance(n_prune, int) else jnp.minimum(n_prune, free)
+    return [~p for p in threshold.lowest(xs, n_prune, protected)]
 
 
 def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",

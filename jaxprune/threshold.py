@@ -4,26 +4,30 @@ Floats are mapped to unsigned integers whose order matches the float order
 (the "order-preserving key"); the k-th smallest key is then found by a radix
 select: one 16-bit histogram pass per 16 key bits, each pass reducing per leaf
 and summing the histograms across leaves. Cost is O(N) per pass, memory is one
-65,536-bin histogram, and per-leaf reductions partition across devices when a
-leaf is sharded. Ties at the threshold are broken by leaf order, then flat
-index, with one extra cumulative-count pass that runs only when the tie must
-be split.
+65,536-bin histogram (keys are recomputed inside each pass, never stored), and
+per-leaf reductions partition across devices when a leaf is sharded: only
+histograms cross devices. Ties at the threshold are broken by leaf order, then
+flat index, by a second radix select over positions that runs only when a tie
+must be split.
 
 NaN ranks lowest (below -inf): a NaN score is pruned first.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import functools
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-__all__ = ["order_keys", "max_key", "lowest", "prune_count"]
+__all__ = ["order_keys", "lowest", "prune_count"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
+_NO_POSITION = np.uint32(np.iinfo(np.uint32).max)
 
 
 def order_keys(x: jax.Array, wide: bool = False) -> jax.Array:
@@ -38,110 +42,239 @@ def order_keys(x: jax.Array, wide: bool = False) -> jax.Array:
     """
     fdt, udt = (jnp.float64, jnp.uint64) if wide else (jnp.float32, jnp.uint32)
     bits_n = 64 if wide else 32
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(fdt)
-    x = x.astype(fdt)
-    # NaN -> lowest key below -inf; +0.0 so that -0.0 and 0.0 tie.
+    x = jnp.asarray(x).astype(fdt)
     nan = jnp.isnan(x)
-    x = jnp.where(nan, 0.0, x) + 0.0
     bits = lax.bitcast_convert_type(x, udt)
-    sign = bits >> (bits_n - 1)
     top = udt(1) << (bits_n - 1)
-    keys = jnp.where(sign == 1, ~bits, bits | top)
-    # -inf has key 0x007FFFFF...; NaN gets 0, strictly below it.
+    # -0.0 ties with +0.0; done on the bits because float arithmetic on CPU
+    # flushes denormals to zero and would merge them with 0.
+    bits = jnp.where(bits == top, udt(0), bits)
+    keys = jnp.where((bits >> (bits_n - 1)) == 1, ~bits, bits | top)
+    # -inf maps to 0x007FFFFF...; NaN gets 0, strictly below it.
     return jnp.where(nan, udt(0), keys)
 
 
-def max_key(wide: bool = False):
-    """The largest key: above every float, used to protect entries."""
-    return jnp.iinfo(jnp.uint64 if wide else jnp.uint32).max
-
-
 def prune_count(sparsity: Union[float, jax.Array], n: int) -> Union[int, jax.Array]:
-    """``round(sparsity * n)`` (half to even, like Python's ``round``).
+    """``round(sparsity * n)``, half to even like Python's ``round``.
 
-    A Python float gives a Python int computed in float64; a traced sparsity
-    gives an int32 array computed in float32.
+    A Python float gives a Python int. A traced sparsity is a float32 scalar;
+    its product with ``n`` is rounded exactly (in float64 scalar arithmetic,
+    except on TPU where float32 is used and the count may be off by up to
+    ``n * 2**-24``), after clipping to [0, 1].
     """
-    if isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, (int, float, np.number)):
         return int(round(float(sparsity) * n))
-    s = jnp.asarray(sparsity, jnp.float32)
-    return jnp.round(jnp.clip(s, 0.0, 1.0) * n).astype(jnp.int32)
+    s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+    if jax.default_backend() != "tpu":
+        with _x64():
+            return jnp.round(s.astype(jnp.float64) * n).astype(jnp.uint32)
+    return jnp.round(s * n).astype(jnp.uint32)
 
 
-def _histogram(keys: jax.Array, shift: int, prefix, prefix_shift: int, count_dt) -> jax.Array:
-    digit = ((keys >> shift) & (_BINS - 1)).astype(jnp.int32)
-    if prefix_shift >= keys.dtype.itemsize * 8:
-        ones = jnp.ones((), count_dt)
-        return jnp.zeros(_BINS, count_dt).at[digit].add(ones)
-    match = (keys >> prefix_shift) == (prefix >> prefix_shift)
-    return jnp.zeros(_BINS, count_dt).at[digit].add(match.astype(count_dt))
+def _x64():
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older JAX
+    return enable_x64()
 
 
-def _kth_key(keys: Sequence[jax.Array], rank):
-    """Key of the entry of 0-based ``rank`` in ascending order, the number of
-    entries strictly below it, and the number equal to it."""
-    udt = keys[0].dtype
-    bits_n = udt.itemsize * 8
+def _scatter_count(digit: jax.Array, weight, count_dt) -> jax.Array:
+    """Histogram of ``digit`` (any shape, never reshaped so that a sharded
+    leaf is counted shard by shard and only histograms are all-reduced)."""
+    hist = jnp.zeros(_BINS, count_dt)
+    mesh = getattr(getattr(jax.typeof(digit), "sharding", None), "mesh", None)
+    explicit = mesh is not None and not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    if explicit:  # sharding-in-types needs the (replicated) result sharding spelled out
+        with jax.sharding.use_abstract_mesh(mesh):
+            return hist.at[digit].add(weight, out_sharding=jax.sharding.PartitionSpec())
+    return hist.at[digit].add(weight)
+
+
+_CHUNK = 1 << 18  # entries counted per scatter: keeps its index buffers in cache
+
+
+def _chunking(shape: tuple) -> tuple[int, int]:
+    """(axis, k): count a leaf in ``k`` strided chunks along ``axis``.
+
+    Chunks are taken as ``x.reshape(.., n // k, k, ..)[.., :, j, ..]`` so each
+    chunk holds rows from every shard of a sharded axis: devices keep slicing
+    their own data and only the small histogram is reduced.
+    """
+    size = int(np.prod(shape)) if shape else 1
+    if size <= _CHUNK:
+        return 0, 1
+    axis = int(np.argmax(shape))
+    n = shape[axis]
+    divisors = [d for d in range(2, n + 1) if n % d == 0]
+    fitting = [d for d in divisors if size // d <= _CHUNK]
+    k = fitting[0] if fitting else (divisors[-1] if divisors else 1)
+    return axis, k
+
+
+def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
+    """Histogram of the 16-bit digit at ``shift`` of one leaf's keys, counting
+    only keys whose higher bits equal ``prefix``."""
     count_dt = jnp.uint32
+
+    def count(keys):
+        digit = ((keys >> shift) & (_BINS - 1)).astype(jnp.int32)
+        if prefix_shift >= keys.dtype.itemsize * 8:
+            return _scatter_count(digit, jnp.ones((), count_dt), count_dt)
+        match = (keys >> prefix_shift) == (prefix >> prefix_shift)
+        return _scatter_count(digit, match.astype(count_dt), count_dt)
+
+    shape = make_keys.shapes[leaf]
+    axis, k = _chunking(shape)
+    if k == 1:
+        return count(make_keys(leaf))
+
+    def body(j, hist):
+        return hist + count(make_keys(leaf, axis, k, j))
+
+    return lax.fori_loop(0, k, body, jnp.zeros(_BINS, count_dt))
+
+
+def _kth_key(make_keys, rank):
+    """Key of the entry of 0-based ``rank`` in ascending order, the number of
+    entries strictly below it, and the number equal to it.
+
+    ``make_keys(i, ...)`` rebuilds leaf ``i``'s keys (or one chunk of them);
+    rebuilding them in each pass lets XLA fuse the key computation into the
+    histogram instead of storing keys.
+    """
+    udt = make_keys.dtype
+    bits_n = udt.itemsize * 8
     prefix = jnp.zeros((), udt)
-    remaining = jnp.asarray(rank, count_dt)
-    below = jnp.zeros((), count_dt)
-    equal = jnp.zeros((), count_dt)
+    remaining = jnp.asarray(rank, jnp.uint32)
+    below = jnp.zeros((), jnp.uint32)
+    equal = jnp.zeros((), jnp.uint32)
     for shift in range(bits_n - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        prefix_shift = shift + _DIGIT_BITS
-        hist = sum(_histogram(k, shift, prefix, prefix_shift, count_dt) for k in keys)
+        hist = sum(_histogram(make_keys, i, shift, prefix, shift + _DIGIT_BITS)
+                   for i in range(len(make_keys.shapes)))
         cum = jnp.cumsum(hist)
         digit = jnp.searchsorted(cum, remaining, side="right")
-        before = jnp.where(digit > 0, cum[jnp.maximum(digit - 1, 0)], 0).astype(count_dt)
+        before = jnp.where(digit > 0, cum[jnp.maximum(digit - 1, 0)], 0).astype(jnp.uint32)
         remaining = remaining - before
         below = below + before
         prefix = prefix | (digit.astype(udt) << shift)
-        equal = hist[digit]  # last pass: entries whose every digit matches
+        equal = hist[digit]  # after the last pass: entries equal in every digit
     return prefix, below, equal
 
 
-def lowest(keys: Sequence[jax.Array], n_prune) -> list[jax.Array]:
-    """Boolean "pruned" arrays marking exactly ``n_prune`` smallest keys.
+def _flat_index(full_shape: tuple, offset: int, chunk=None) -> jax.Array:
+    """``offset + row-major flat index`` of every entry of a leaf of
+    ``full_shape``, or of its chunk ``(axis, k, j)``; built from iotas so that
+    nothing parameter-sized is stored and a sharded leaf stays sharded."""
+    shape = list(full_shape)
+    start = None
+    if chunk is not None:
+        axis, k, j = chunk
+        shape[axis] //= k
+        start = (axis, (j * shape[axis]).astype(jnp.uint32))
+    index = jnp.full(shape, offset, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        coord = lax.broadcasted_iota(jnp.uint32, tuple(shape), dim)
+        if start is not None and start[0] == dim:
+            coord = coord + start[1]
+        index = index + coord * jnp.uint32(stride)
+        stride *= full_shape[dim]
+    return index
+
+
+def lowest(scores: Sequence[jax.Array], n_prune,
+           protected: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
+    """Boolean "pruned" arrays marking exactly the ``n_prune`` lowest scores.
 
     Args:
-      keys: unsigned key arrays from ``order_keys`` (any shapes, one dtype).
-      n_prune: how many entries to mark, ``0 <= n_prune <= total size``
-        (Python int or traced int).
+      scores: float arrays of any shapes and float dtypes (float64 scores use
+        64-bit keys). NaN ranks lowest.
+      n_prune: how many entries to mark (Python int or traced int), clipped to
+        ``[0, total - protected]``.
+      protected: optional bool arrays (or None) aligned with ``scores``; True
+        entries rank above everything and are pruned only if nothing else is
+        left.
 
-    Ties are broken by position in ``keys``, then by flat index: the earlier
+    Ties are broken by position in ``scores``, then by flat index: the earlier
     entry is pruned first.
 
     Returns:
       One bool array per input, True where pruned.
+
+    >>> import jax.numpy as jnp
+    >>> [m.tolist() for m in lowest([jnp.array([3.0, 1.0]), jnp.array([1.0, 0.5])], 2)]
+    [[False, True], [False, True]]
     """
-    keys = list(keys)
-    total = sum(k.size for k in keys)
+    scores = [jnp.asarray(s) for s in scores]
+    total = sum(s.size for s in scores)
     if total >= 2**32:
         raise ValueError(f"cannot select among {total} entries (limit 2**32 - 1)")
-    if isinstance(n_prune, int):
+    if isinstance(n_prune, (int, np.integer)):
         if n_prune <= 0:
-            return [jnp.zeros(k.shape, bool) for k in keys]
-        if n_prune >= total:
-            return [jnp.ones(k.shape, bool) for k in keys]
+            return [jnp.zeros(s.shape, bool) for s in scores]
+        if n_prune >= total and protected is None:
+            return [jnp.ones(s.shape, bool) for s in scores]
+    protected = list(protected) if protected is not None else [None] * len(scores)
+    wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in scores)
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
+    return _lowest(scores, protected, n_prune, wide)
+
+
+class _Keys:
+    """Rebuilds the order keys of leaf ``i`` (whole or one strided chunk)."""
+
+    def __init__(self, arrays, transform):
+        self.arrays, self.transform = arrays, transform
+        self.shapes = [a.shape for a in arrays]
+        self.dtype = jax.eval_shape(lambda a: transform(0, a), arrays[0]).dtype
+
+    def __call__(self, i, axis=None, k=1, j=None):
+        a = self.arrays[i]
+        if k == 1:
+            return self.transform(i, a)
+        n = a.shape[axis]
+        split = a.reshape(*a.shape[:axis], k, n // k, *a.shape[axis + 1:])
+        return self.transform(i, lax.dynamic_index_in_dim(split, j, axis, keepdims=False),
+                              chunk=(axis, k, j))
+
+
+@functools.partial(jax.jit, static_argnames="wide")
+def _lowest(scores, protected, n_prune, wide):
+    # jitted so that eager callers compile once per set of shapes, not per op.
+    top = np.iinfo(np.uint64 if wide else np.uint32).max
+
+    def keys_of(i, a, chunk=None):
+        k = order_keys(a, wide)
+        p = protected[i]
+        if p is None:
+            return k
+        if chunk is not None:
+            axis, n_chunks, j = chunk
+            p = p.reshape(*p.shape[:axis], n_chunks, p.shape[axis] // n_chunks,
+                          *p.shape[axis + 1:])
+            p = lax.dynamic_index_in_dim(p, j, axis, keepdims=False)
+        return jnp.where(p, k.dtype.type(top), k)
+
+    make_keys = _Keys(scores, keys_of)
     rank = jnp.maximum(n_prune, 1) - 1
-    t, below, ties_total = _kth_key(keys, rank)
+    t, below, ties_total = _kth_key(make_keys, rank)
     ties_needed = n_prune - below  # >= 1 when n_prune >= 1
+    offsets = np.cumsum([0] + [s.size for s in scores]).tolist()
 
-    def take_all_ties():
-        return [k <= t for k in keys]
+    def position_of(i, a, chunk=None):
+        keys = keys_of(i, a, chunk)
+        pos = _flat_index(scores[i].shape, offsets[i], chunk)
+        return jnp.where(keys == t, pos, _NO_POSITION)
 
-    def split_ties():
-        out, offset = [], jnp.zeros((), jnp.uint32)
-        for k in keys:
-            eq = (k == t).reshape(-1)
-            order = jnp.cumsum(eq, dtype=jnp.uint32) + offset  # 1-based tie rank
-            chosen = eq & (order <= ties_needed)
-            out.append((k < t) | chosen.reshape(k.shape))
-            offset = offset + jnp.sum(eq, dtype=jnp.uint32)
-        return out
-
-    pruned = lax.cond(ties_needed == ties_total, take_all_ties, split_ties)
-    return [p & (n_prune > 0) for p in pruned]
+    # Position of the last tie to prune: all ties (common case, no extra pass)
+    # or the (ties_needed)-th tie in (leaf, flat index) order.
+    last = lax.cond(ties_needed == ties_total,
+                    lambda: jnp.asarray(_NO_POSITION),
+                    lambda: _kth_key(_Keys(scores, position_of), ties_needed - 1)[0])
+    out = []
+    for i, s in enumerate(scores):
+        k = keys_of(i, s)
+        pos = _flat_index(s.shape, offsets[i])
+        out.append(((k < t) | ((k == t) & (pos <= last))) & (n_prune > 0))
+    return out

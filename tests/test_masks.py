@@ -1,0 +1,272 @@
+"""Exactness properties of jaxprune.masks (hypothesis) and its bad-input errors."""
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import jaxprune
+from jaxprune import masks as M
+
+
+def reference_prune(leaves, sparsity):
+    """Stable sort by (value, leaf order, flat index) with NaN lowest: the spec."""
+    vals = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+    vals = np.where(np.isnan(vals), -np.inf, vals)
+    nan_first = np.concatenate([np.isnan(np.asarray(x, np.float64).ravel()) for x in leaves])
+    order = np.lexsort((np.arange(len(vals)), vals, ~nan_first))
+    k = round(sparsity * len(vals))
+    keep = np.ones(len(vals), bool)
+    keep[order[:k]] = False
+    out, start = [], 0
+    for x in leaves:
+        out.append(keep[start:start + np.size(x)].reshape(np.shape(x)))
+        start += np.size(x)
+    return out
+
+
+# Few distinct values so that ties are common; a few fixed shapes so that
+# compiled kernels are reused across examples.
+small_ints = st.integers(-3, 3).map(float)
+SHAPES = [(1, 1), (2, 3), (4, 4), (2, 2, 3)]
+leaf = st.sampled_from(SHAPES).flatmap(
+    lambda shape: hnp.arrays(np.float32, shape, elements=small_ints))
+sparsities = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.25]), st.floats(0.0, 1.0))
+
+
+@given(st.lists(leaf, min_size=1, max_size=3), sparsities)
+def test_global_scope_prunes_exact_count_with_ties(leaves, s):
+    params = {f"l{i}": jnp.asarray(x) for i, x in enumerate(leaves)}
+    got = M.unstructured(params, s, scope="global")
+    ref = reference_prune([params[k] for k in sorted(params)], s)
+    for k, r in zip(sorted(params), ref):
+        np.testing.assert_array_equal(np.asarray(got[k]), r, err_msg=k)
+    n = sum(x.size for x in leaves)
+    assert sum(int((~got[k]).sum()) for k in params) == round(s * n)
+
+
+@given(st.lists(leaf, min_size=1, max_size=3), sparsities)
+def test_local_scope_prunes_exact_count_per_leaf(leaves, s):
+    params = [jnp.asarray(x) for x in leaves]
+    got = M.unstructured(params, s, scope="local")
+    for x, g in zip(params, got):
+        np.testing.assert_array_equal(np.asarray(g), reference_prune([x], s)[0])
+        assert int((~g).sum()) == round(s * x.size)
+
+
+_jit_global = jax.jit(functools.partial(M.unstructured, scope="global"))
+
+
+@given(hnp.arrays(np.float32, (4, 5), elements=small_ints),
+       hnp.arrays(np.float32, (3, 3), elements=small_ints), sparsities)
+def test_jit_with_traced_sparsity_matches_eager(a, b, s):
+    params = (jnp.asarray(a), jnp.asarray(b))
+    eager = M.unstructured(params, s, scope="global")
+    jitted = _jit_global(params, jnp.float32(s))
+    # A traced sparsity is rounded in float32; compare where that agrees.
+    if round(s * 29) == int(np.round(np.float32(s) * np.float32(29))):
+        jax.tree.map(np.testing.assert_array_equal, eager, jitted)
+
+
+@given(hnp.arrays(np.float32, (8, 16), elements=st.floats(-10, 10, width=32)),
+       st.floats(0, 1), st.floats(0, 1))
+def test_magnitude_masks_nest_as_sparsity_grows(w, s1, s2):
+    s1, s2 = sorted((s1, s2))
+    scores = jaxprune.scores.magnitude({"w": jnp.asarray(w)})
+    for scope in ("local", "global"):
+        m1 = M.unstructured(scores, s1, scope=scope)["w"]
+        m2 = M.unstructured(scores, s2, scope=scope)["w"]
+        assert not bool(jnp.any(m2 & ~m1)), "a weight kept at higher sparsity was pruned at lower"
+
+
+def test_sparsity_zero_keeps_all_and_one_prunes_all_selected():
+    p = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    assert bool(M.unstructured(p, 0.0)["w"].all())
+    assert not bool(M.unstructured(p, 1.0, scope="global")["w"].any())
+    assert M.unstructured(p, 1.0)["b"] is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_low_precision_leaves_give_exact_counts(dtype):
+    w = jax.random.normal(jax.random.key(0), (32, 32)).astype(dtype)
+    m = M.unstructured({"w": w}, 0.7, scope="global")["w"]
+    assert int((~m).sum()) == round(0.7 * 1024)
+    ref = reference_prune([np.asarray(w.astype(jnp.float32))], 0.7)[0]
+    np.testing.assert_array_equal(np.asarray(m), ref)
+
+
+def test_float64_leaves_use_wide_keys_and_keep_full_precision():
+    with jax.enable_x64(True):
+        base = 1.0 + np.arange(6) * 1e-12  # equal in float32, distinct in float64
+        w = jnp.asarray(base[::-1].reshape(2, 3), jnp.float64)
+        m = M.unstructured({"w": w}, 0.5)["w"]
+        assert m.tolist() == [[True, True, True], [False, False, False]]
+
+
+def test_integer_leaves_are_never_selected_by_default():
+    p = {"w": jnp.ones((4, 4)), "step": jnp.zeros((4, 4), jnp.int32)}
+    assert M.unstructured(p, 0.5)["step"] is None
+    with pytest.raises(ValueError, match="selects no leaf"):
+        M.unstructured({"step": jnp.zeros((4, 4), jnp.int32)}, 0.5)
+
+
+def test_nan_scores_rank_lowest_and_are_pruned_first():
+    w = jnp.array([[jnp.nan, 0.1, 5.0, -jnp.inf]])
+    m = M.unstructured({"w": w}, 0.25)["w"]
+    assert m.tolist() == [[False, True, True, True]]
+    m = M.unstructured({"w": w}, 0.5)["w"]
+    assert m.tolist() == [[False, True, True, False]]
+
+
+def test_vmap_builds_many_masks_at_once():
+    ws = jax.random.normal(jax.random.key(1), (5, 6, 7))
+    batched = jax.vmap(lambda w: M.unstructured({"w": w}, 0.4)["w"])(ws)
+    for i in range(5):
+        np.testing.assert_array_equal(batched[i], M.unstructured({"w": ws[i]}, 0.4)["w"])
+    sweep = jax.vmap(lambda s: M.unstructured({"w": ws[0]}, s)["w"])(jnp.linspace(0, 1, 5))
+    assert [int((~m).sum()) for m in sweep] == [0, 10, 21, 32, 42]
+
+
+def test_sharded_scores_give_the_same_global_mask():
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+    p = {"a": jax.random.normal(jax.random.key(2), (8, 16)),
+         "b": jax.random.normal(jax.random.key(3), (16, 8))}
+    sharded = jax.device_put(p, sharding)
+    got = jax.jit(lambda p: M.unstructured(p, 0.6, scope="global"))(sharded)
+    jax.tree.map(np.testing.assert_array_equal, got, M.unstructured(p, 0.6, scope="global"))
+    assert got["a"].sharding.is_equivalent_to(sharding, 2)
+
+
+def test_erk_distribution_hits_total_count_and_favours_small_layers():
+    p = {"big": jnp.ones((128, 128)), "small": jnp.ones((128, 8))}
+    scores = jax.tree.map(lambda x: jax.random.uniform(jax.random.key(0), x.shape), p)
+    m = M.unstructured(scores, 0.9, distribution="erk")
+    assert abs(float(jaxprune.sparsity(m)) - 0.9) < 1e-3
+    assert float(m["small"].mean()) > float(m["big"].mean())
+
+
+def test_mapping_sparsity_applies_per_path_and_names_unmatched_leaf():
+    p = {"Dense_0": {"kernel": jnp.arange(16.0).reshape(4, 4)},
+         "Dense_1": {"kernel": jnp.arange(16.0).reshape(4, 4)}}
+    m = M.unstructured(p, {"Dense_0": 0.25, "Dense_1": 0.75})
+    assert int((~m["Dense_0"]["kernel"]).sum()) == 4
+    assert int((~m["Dense_1"]["kernel"]).sum()) == 12
+    with pytest.raises(ValueError, match="Dense_1/kernel"):
+        M.unstructured(p, {"Dense_0": 0.5})
+
+
+def test_min_density_prevents_layer_collapse_under_global_scope():
+    p = {"tiny": jnp.full((4, 4), 0.01), "huge": jnp.full((16, 16), 1.0)}
+    collapsed = M.unstructured(p, 0.2, scope="global")
+    assert not bool(collapsed["tiny"].any())
+    guarded = M.unstructured(p, 0.2, scope="global", min_density=0.25)
+    assert int(guarded["tiny"].sum()) == 4
+    assert sum(int((~x).sum()) for x in jax.tree.leaves(guarded)) == round(0.2 * 272)
+
+
+@pytest.mark.parametrize("normalize", ["l2", "lamp"])
+def test_normalized_global_ranking_keeps_exact_count(normalize):
+    p = {"a": jax.random.normal(jax.random.key(0), (8, 8)) * 100,
+         "b": jax.random.normal(jax.random.key(1), (8, 8))}
+    m = M.unstructured(jaxprune.scores.magnitude(p), 0.5, scope="global", normalize=normalize)
+    assert sum(int((~x).sum()) for x in jax.tree.leaves(m)) == 64
+    assert int(m["b"].sum()) > 8  # without normalisation layer b would be nearly emptied
+
+
+def test_lamp_matches_its_definition():
+    w = jnp.array([[1.0, 3.0, 2.0]])
+    lamp = M._lamp(w)
+    u = np.array([1.0, 9.0, 4.0])
+    expected = [1 / 14, 9 / 9, 4 / 13]
+    np.testing.assert_allclose(lamp.ravel(), expected, rtol=1e-6)
+    assert u.sum() == 14
+
+
+@given(hnp.arrays(np.float32, (3, 8), elements=small_ints), st.sampled_from([(1, 2), (2, 4), (1, 4), (0, 4), (4, 4)]))
+def test_n_of_m_keeps_exactly_n_in_every_group(w, nm):
+    n, m = nm
+    for axis in (0, 1):
+        if w.shape[axis] % m:
+            continue
+        got = M.n_of_m({"w": jnp.asarray(w)}, n, m, axis=axis)["w"]
+        groups = np.moveaxis(np.asarray(got), axis, -1).reshape(-1, m)
+        assert (groups.sum(-1) == n).all()
+        vals = np.moveaxis(w, axis, -1).reshape(-1, m)
+        for g, v in zip(groups, vals):  # kept entries are the top-n, ties to later index
+            ref = np.lexsort((np.arange(m), v))[m - n:]
+            assert set(np.flatnonzero(g)) == set(ref)
+
+
+def test_block_masks_prune_whole_blocks_with_exact_block_count():
+    w = jax.random.normal(jax.random.key(0), (3, 8, 12))
+    m = M.block({"w": w}, 0.5, (2, 4), where=lambda p, x: True)["w"]
+    tiles = np.asarray(m).reshape(3, 4, 2, 3, 4)
+    assert (tiles.all(axis=(2, 4)) | ~tiles.any(axis=(2, 4))).all()
+    assert int((~tiles.any(axis=(2, 4))).sum()) == round(0.5 * 36)
+
+
+def test_channel_masks_prune_whole_slices_local_and_global():
+    p = {"a": jax.random.normal(jax.random.key(0), (6, 10)),
+         "b": jax.random.normal(jax.random.key(1), (10, 4))}
+    scores = jaxprune.scores.magnitude(p)
+    local = M.channels(scores, 0.5, axis=-1)
+    for x in jax.tree.leaves(local):
+        cols = np.asarray(x)
+        assert (cols.all(0) | ~cols.any(0)).all()
+        assert int((~cols.all(0)).sum()) == round(0.5 * cols.shape[1])
+    glob = M.channels(scores, 0.5, axis=-1, scope="global")
+    assert sum(int((~np.asarray(x).all(0)).sum()) for x in jax.tree.leaves(glob)) == 7
+
+
+def test_masks_work_on_flax_linen_and_nnx_state():
+    import flax.linen as nn
+    from flax import nnx
+    variables = nn.Dense(8).init(jax.random.key(0), jnp.ones((1, 4)))
+    m = M.unstructured(jaxprune.scores.magnitude(variables), 0.5)
+    assert m["params"]["bias"] is None and m["params"]["kernel"].shape == (4, 8)
+    state = nnx.state(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Param)
+    ms = M.unstructured(jaxprune.scores.magnitude(state), 0.5, where="kernel")
+    pruned = jaxprune.apply_masks(state, ms)
+    assert float(jaxprune.sparsity(pruned, where="kernel")) == 0.5
+    assert jaxprune.tree.paths(state) == jaxprune.tree.paths(state.to_pure_dict())
+
+
+# --- bad input ---------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_sparsity_outside_unit_interval_is_rejected(bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        M.unstructured({"w": jnp.ones((2, 2))}, bad)
+
+
+def test_n_greater_than_m_or_indivisible_axis_is_rejected_with_path():
+    with pytest.raises(ValueError, match="n <= m"):
+        M.n_of_m({"w": jnp.ones((4, 4))}, 5, 4)
+    with pytest.raises(ValueError, match="'layer/w'.*not divisible by m=4"):
+        M.n_of_m({"layer": {"w": jnp.ones((4, 6))}}, 2, 4)
+
+
+def test_missing_axis_and_bad_block_shape_name_the_path():
+    with pytest.raises(ValueError, match="'w'.*axis=2 does not exist"):
+        M.channels({"w": jnp.ones((4, 6))}, 0.5, axis=2)
+    with pytest.raises(ValueError, match="'w'.*not divisible into blocks"):
+        M.block({"w": jnp.ones((4, 6))}, 0.5, (4, 4))
+    with pytest.raises(ValueError, match="'v'.*block masks need 2"):
+        M.block({"v": jnp.ones(8)}, 0.5, (2, 2), where="v")
+
+
+def test_where_that_selects_nothing_is_an_error():
+    with pytest.raises(ValueError, match="selects no leaf"):
+        M.unstructured({"w": jnp.ones((4, 4))}, 0.5, where="nope")
+
+
+def test_global_scope_rejects_per_leaf_options():
+    with pytest.raises(ValueError, match="scope='local'"):
+        M.unstructured({"w": jnp.ones((4, 4))}, 0.5, scope="global", distribution="erk")
+    with pytest.raises(ValueError, match="scope must be"):
+        M.unstructured({"w": jnp.ones((4, 4))}, 0.5, scope="everywhere")
