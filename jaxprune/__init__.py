@@ -8,15 +8,27 @@ masks back onto parameters::
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import allocation, masks, scores, threshold, tree
+from jaxprune import allocation, criteria, masks, schedules, scores, threshold, tree
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.report import summary
+from jaxprune.transform import (MaskRule, PrunedState, PruneState, masks_of, prune, pruned,
+                                schedule_rule, sparsity_of)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MaskRule",
+    "PruneState",
+    "PrunedState",
     "allocation",
     "apply_masks",
+    "criteria",
+    "masks_of",
+    "prune",
+    "pruned",
+    "schedule_rule",
+    "schedules",
+    "sparsity_of",
     "masks",
     "scores",
     "sparsity",
