@@ -11,12 +11,13 @@ masks back onto parameters::
 from jaxprune import allocation, criteria, masks, schedules, scores, threshold, tree
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.report import summary
-from jaxprune.transform import (MaskRule, PrunedState, PruneState, masks_of, prune, pruned,
+from jaxprune.transform import (STATIC_ARGS, MaskRule, PrunedState, PruneState, masks_of, prune, pruned,
                                 schedule_rule, sparsity_of)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "STATIC_ARGS",
     "MaskRule",
     "PruneState",
     "PrunedState",

@@ -57,6 +57,8 @@ def erk(sparsity: float, shapes: Sequence[tuple], power: float = 1.0) -> list[fl
     check_sparsity(sparsity)
     sizes = [int(np.prod(s)) for s in shapes]
     raw = [(sum(s) / max(np.prod(s), 1)) ** power for s in shapes]
+    if _is_tracer(sparsity) or not isinstance(sparsity, (int, float, np.number)):
+        return _erk_traced(sparsity, np.asarray(sizes, np.float32), np.asarray(raw, np.float32))
     dense: set[int] = set()
     while True:
         rhs, divisor = 0.0, 0.0
@@ -75,6 +77,22 @@ def erk(sparsity: float, shapes: Sequence[tuple], power: float = 1.0) -> list[fl
         dense.update(over)
     return [0.0 if i in dense else float(min(max(1.0 - eps * raw[i], 0.0), 1.0))
             for i in range(len(sizes))]
+
+
+def _erk_traced(sparsity, sizes: np.ndarray, raw: np.ndarray) -> list:
+    """``erk`` for a traced sparsity: the same fixed point in jnp, with one
+    pass per leaf (a leaf turns dense at most once)."""
+    import jax.numpy as jnp
+    s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+    dense = jnp.zeros(len(sizes), bool)
+    eps = jnp.float32(0.0)
+    for _ in range(len(sizes)):
+        rhs = jnp.sum(jnp.where(dense, -sizes * s, sizes * (1.0 - s)))
+        divisor = jnp.sum(jnp.where(dense, 0.0, raw * sizes))
+        eps = rhs / jnp.maximum(divisor, 1e-30)
+        dense = dense | (eps * raw > 1.0)
+    per_leaf = jnp.where(dense, 0.0, jnp.clip(1.0 - eps * raw, 0.0, 1.0))
+    return [per_leaf[i] for i in range(len(sizes))]
 
 
 def from_mapping(mapping: Mapping[str, float], paths: Sequence[str]) -> list[float]:
@@ -124,7 +142,6 @@ def allocate(sparsity: Any, distribution: Any, paths: Sequence[str],
     if distribution == "uniform":
         return uniform(sparsity, shapes)
     if distribution == "erk":
-        if _is_tracer(sparsity) or not isinstance(sparsity, (int, float, np.number)):
-            raise TypeError("distribution='erk' needs a static Python float sparsity")
-        return erk(float(sparsity), shapes)
+        static = isinstance(sparsity, (int, float, np.number))
+        return erk(float(sparsity) if static else sparsity, shapes)
     raise ValueError(f"distribution must be 'uniform', 'erk' or a mapping, got {distribution!r}")

@@ -30,8 +30,14 @@ from jaxprune.tree import Where, check_same_structure, select
 
 PyTree = Any
 
-__all__ = ["PruneState", "PrunedState", "MaskRule", "schedule_rule", "prune", "pruned",
+__all__ = ["STATIC_ARGS", "PruneState", "PrunedState", "MaskRule", "schedule_rule", "prune", "pruned",
            "masks_of", "sparsity_of"]
+
+
+# Arguments of ``prune`` that ``optax.inject_hyperparams`` must leave alone
+# (it would turn callables into schedules and numbers into traced arrays):
+# ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``.
+STATIC_ARGS = ("score", "where", "min_density", "n", "m", "every", "seed", "rule")
 
 
 class PruneState(NamedTuple):
@@ -222,6 +228,9 @@ def prune(score: Any = score_fns.magnitude,
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       ``PruneState``; ``optax.tree.get(state, "masks")`` returns the masks.
+      To change the sparsity by hand during training, use
+      ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``
+      and set ``state.hyperparams["sparsity"]``.
 
     >>> import jax.numpy as jnp, optax, jaxprune
     >>> params = {"w": jnp.array([[1.0, -2.0], [3.0, -4.0]])}

@@ -31,3 +31,12 @@ def test_check_sparsity_rejects_bad_values():
         allocation.check_sparsity(True)
     with pytest.raises(ValueError, match="distribution"):
         allocation.allocate(0.5, "triangular", ["w"], [(2, 2)])
+
+
+def test_traced_erk_matches_static_erk():
+    import jax
+    import jax.numpy as jnp
+    shape_list = [(100, 100), (100, 10), (3, 3)]
+    static = allocation.erk(0.8, shape_list)
+    traced = jax.jit(lambda s: jnp.stack(allocation.erk(s, shape_list)))(jnp.float32(0.8))
+    np.testing.assert_allclose(np.asarray(traced), static, atol=1e-5)
