@@ -46,7 +46,8 @@ def _none(params: PyTree) -> PyTree:
 
 
 def _zeros(params: PyTree) -> PyTree:
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    # zeros_like keeps each parameter's sharding (jnp.zeros would not).
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
 
 
 def _fisher_init(params: PyTree) -> PyTree:

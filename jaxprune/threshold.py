@@ -97,19 +97,23 @@ _CHUNK = 1 << 18  # entries counted per scatter: keeps its index buffers in cach
 def _chunking(shape: tuple) -> tuple[int, int]:
     """(axis, k): count a leaf in ``k`` strided chunks along ``axis``.
 
-    Chunks are taken as ``x.reshape(.., n // k, k, ..)[.., :, j, ..]`` so each
-    chunk holds rows from every shard of a sharded axis: devices keep slicing
-    their own data and only the small histogram is reduced.
+    Chunk ``j`` holds the slices ``j, j + k, j + 2k, ...`` of ``axis``, so on a
+    sharded axis each chunk has rows on every device: devices slice their own
+    data and only the small histogram is reduced. The outermost axis that can
+    be split finely enough is used, so each slice is a long contiguous run.
     """
     size = int(np.prod(shape)) if shape else 1
     if size <= _CHUNK:
         return 0, 1
-    axis = int(np.argmax(shape))
-    n = shape[axis]
-    divisors = [d for d in range(2, n + 1) if n % d == 0]
-    fitting = [d for d in divisors if size // d <= _CHUNK]
-    k = fitting[0] if fitting else (divisors[-1] if divisors else 1)
-    return axis, k
+    fallback = (0, 1)
+    for axis, n in enumerate(shape):
+        divisors = [d for d in range(2, n + 1) if n % d == 0]
+        fitting = [d for d in divisors if size // d <= _CHUNK]
+        if fitting:
+            return axis, fitting[0]
+        if divisors and divisors[-1] > fallback[1]:
+            fallback = (axis, divisors[-1])
+    return fallback
 
 
 def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
@@ -164,20 +168,21 @@ def _kth_key(make_keys, rank):
 
 def _flat_index(full_shape: tuple, offset: int, chunk=None) -> jax.Array:
     """``offset + row-major flat index`` of every entry of a leaf of
-    ``full_shape``, or of its chunk ``(axis, k, j)``; built from iotas so that
+    ``full_shape``, or of its strided chunk ``(axis, k, j)`` (rows ``j::k``
+    of ``axis``); built from iotas so that
     nothing parameter-sized is stored and a sharded leaf stays sharded."""
     shape = list(full_shape)
     start = None
     if chunk is not None:
         axis, k, j = chunk
         shape[axis] //= k
-        start = (axis, (j * shape[axis]).astype(jnp.uint32))
+        start = (axis, k, jnp.asarray(j).astype(jnp.uint32))
     index = jnp.full(shape, offset, jnp.uint32)
     stride = 1
     for dim in reversed(range(len(shape))):
         coord = lax.broadcasted_iota(jnp.uint32, tuple(shape), dim)
-        if start is not None and start[0] == dim:
-            coord = coord + start[1]
+        if start is not None and start[0] == dim:  # row r of chunk j is row r * k + j
+            coord = coord * jnp.uint32(start[1]) + start[2]
         index = index + coord * jnp.uint32(stride)
         stride *= full_shape[dim]
     return index
@@ -211,10 +216,10 @@ def lowest(scores: Sequence[jax.Array], n_prune,
     if total >= 2**32:
         raise ValueError(f"cannot select among {total} entries (limit 2**32 - 1)")
     if isinstance(n_prune, (int, np.integer)):
-        if n_prune <= 0:
-            return [jnp.zeros(s.shape, bool) for s in scores]
+        if n_prune <= 0:  # *_like: the result keeps each score's sharding
+            return [jnp.zeros_like(s, dtype=bool) for s in scores]
         if n_prune >= total and protected is None:
-            return [jnp.ones(s.shape, bool) for s in scores]
+            return [jnp.ones_like(s, dtype=bool) for s in scores]
     protected = list(protected) if protected is not None else [None] * len(scores)
     wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in scores)
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
@@ -234,8 +239,11 @@ class _Keys:
         if k == 1:
             return self.transform(i, a)
         n = a.shape[axis]
-        split = a.reshape(*a.shape[:axis], k, n // k, *a.shape[axis + 1:])
-        return self.transform(i, lax.dynamic_index_in_dim(split, j, axis, keepdims=False),
+        # Strided chunk j = rows j, j + k, j + 2k, ...: the split-off axis of
+        # length k is unsharded, so every device slices its own rows (a
+        # contiguous chunk would live on one shard and force an all-gather).
+        split = a.reshape(*a.shape[:axis], n // k, k, *a.shape[axis + 1:])
+        return self.transform(i, lax.dynamic_index_in_dim(split, j, axis + 1, keepdims=False),
                               chunk=(axis, k, j))
 
 
@@ -251,9 +259,9 @@ def _lowest(scores, protected, n_prune, wide):
             return k
         if chunk is not None:
             axis, n_chunks, j = chunk
-            p = p.reshape(*p.shape[:axis], n_chunks, p.shape[axis] // n_chunks,
+            p = p.reshape(*p.shape[:axis], p.shape[axis] // n_chunks, n_chunks,
                           *p.shape[axis + 1:])
-            p = lax.dynamic_index_in_dim(p, j, axis, keepdims=False)
+            p = lax.dynamic_index_in_dim(p, j, axis + 1, keepdims=False)
         return jnp.where(p, k.dtype.type(top), k)
 
     make_keys = _Keys(scores, keys_of)

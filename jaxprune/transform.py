@@ -129,8 +129,9 @@ def schedule_rule(score: Any = score_fns.magnitude,
 def _dense_masks(params: PyTree, where: Where) -> PyTree:
     chosen = select(params, where)
     leaves, treedef = jax.tree.flatten(params)
+    # ones_like keeps each parameter's sharding (jnp.ones would not).
     return jax.tree.unflatten(
-        treedef, [jnp.ones(jnp.shape(x), bool) if c else None for x, c in zip(leaves, chosen)])
+        treedef, [jnp.ones_like(x, dtype=bool) if c else None for x, c in zip(leaves, chosen)])
 
 
 def _check_params(params: PyTree, masks: PyTree, who: str) -> None:

@@ -67,7 +67,9 @@ def test_chunked_counting_of_large_leaves_gives_the_same_selection(leaves, data)
     np.testing.assert_array_equal(np.concatenate([np.asarray(m).ravel() for m in got]), expected)
 
 
-def test_chunking_splits_the_longest_axis_into_cache_sized_pieces():
+def test_chunking_splits_the_outermost_possible_axis_into_cache_sized_pieces():
     assert threshold._chunking((10, 10)) == (0, 1)
     axis, k = threshold._chunking((512, 4096))
-    assert axis == 1 and 512 * 4096 // k <= threshold._CHUNK and 4096 % k == 0
+    assert axis == 0 and 512 * 4096 // k <= threshold._CHUNK and 512 % k == 0
+    axis, k = threshold._chunking((3, 3, 512, 512))  # a conv kernel: split the channels
+    assert axis == 2 and 9 * 512 * 512 // k <= threshold._CHUNK
