@@ -8,9 +8,12 @@ masks back onto parameters::
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import allocation, criteria, masks, schedules, scores, threshold, tree
+from jaxprune import (allocation, criteria, lottery, masks, schedules, scores, sparse_training,
+                      threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.report import summary
+from jaxprune.sparse_training import (fixed_masks, rigl, sparse_evolutionary, static_sparse, ste,
+                                      ste_apply)
 from jaxprune.transform import (STATIC_ARGS, MaskRule, PrunedState, PruneState, masks_of, prune, pruned,
                                 schedule_rule, sparsity_of)
 
@@ -24,12 +27,20 @@ __all__ = [
     "allocation",
     "apply_masks",
     "criteria",
+    "fixed_masks",
+    "lottery",
     "masks_of",
     "prune",
     "pruned",
+    "rigl",
     "schedule_rule",
     "schedules",
+    "sparse_evolutionary",
+    "sparse_training",
     "sparsity_of",
+    "static_sparse",
+    "ste",
+    "ste_apply",
     "masks",
     "scores",
     "sparsity",

@@ -305,15 +305,24 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
         ps = state.prune_state
         _check_params(params, ps.masks, "jaxprune.pruned")
         is_update, masks, stats = _step_masks(rule, ps, params, grads)
-        changed = jax.tree.map(lambda new, old: None if new is None else new != old,
-                               masks, ps.masks, is_leaf=lambda x: x is None)
-        inner_state = lax.cond(is_update, lambda s: _reset_inner(inner, s, changed),
-                               lambda s: s, state.inner_state)
+
+        def reset(inner_state):
+            changed = jax.tree.map(lambda new, old: None if new is None else new != old,
+                                   masks, ps.masks, is_leaf=lambda x: x is None)
+            return _reset_inner(inner, inner_state, changed)
+
+        inner_state = lax.cond(is_update, reset, lambda s: s, state.inner_state)
+        stepping = masks
+        if rule.grows:
+            # A weight grown at this update enters at exactly 0.0 with zeroed state and
+            # moves from the next step on (RigL steps with the old mask, then regrows).
+            stepping = jax.tree.map(lambda new, old: None if new is None else new & old,
+                                    masks, ps.masks, is_leaf=lambda x: x is None)
         masked_grads = jax.tree.map(
             lambda mk, g: g if mk is None else jnp.where(mk, g, jnp.zeros((), g.dtype)),
-            masks, grads, is_leaf=lambda x: x is None)
+            stepping, grads, is_leaf=lambda x: x is None)
         updates, inner_state = inner.update(masked_grads, inner_state, params, **extra)
-        return (_rewrite_updates(updates, masks, params),
+        return (_rewrite_updates(updates, stepping, params),
                 PrunedState(inner_state, PruneState(ps.count + 1, masks, stats, ps.key)))
 
     return optax.GradientTransformationExtraArgs(init, update)

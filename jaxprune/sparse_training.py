@@ -1,0 +1,377 @@
+"""Sparse training: RigL, SET, static sparse masks, fixed masks and STE.
+
+Dynamic sparse training keeps a fixed number of active weights per leaf and,
+every ``every`` steps, drops the smallest-magnitude active ones and grows the
+same number among inactive ones: by gradient magnitude in RigL (Evci et al.
+2020, "Rigging the Lottery: Making All Tickets Winners"), at random in SET
+(Mocanu et al. 2018, "Scalable Training of Artificial Neural Networks with
+Adaptive Sparse Connectivity inspired by Network Science"). Counts are exact
+(``jaxprune.threshold.lowest``: no sort, deterministic ties), so every leaf
+keeps exactly its allocated number of active weights throughout training.
+
+As in RigL's reference implementation, the optimizer step of a mask-update
+step uses the weights active both before and after the update; a weight grown
+at that step enters at exactly 0.0 with zeroed optimizer state (e.g. Adam
+moments) and first moves on the next step. Dropped weights are exactly 0.0.
+
+``ste`` is different: the dense weights are trained and the masks are only
+tracked in the optimizer state; the forward pass uses ``ste_apply(params,
+masks)``, whose gradient reaches the pruned dense weights (straight-through
+estimator: Bengio et al. 2013; Zhou et al. 2021).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxprune import allocation, threshold
+from jaxprune import scores as score_fns
+from jaxprune.criteria import Criterion
+from jaxprune.schedules import SparsitySchedule
+from jaxprune.transform import MaskRule, prune, pruned
+from jaxprune.tree import Where, check_same_structure, is_mask_leaf, leaves_with_paths, select
+
+PyTree = Any
+DropFraction = Union[float, Callable[[jax.Array], jax.Array]]
+
+__all__ = ["rigl", "sparse_evolutionary", "static_sparse", "fixed_masks", "random_masks",
+           "drop_and_grow", "ste", "ste_apply"]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _map_masks(fn: Callable, masks: PyTree, *trees: PyTree) -> PyTree:
+    """``fn(mask, *leaves)`` on selected leaves; ``None`` stays ``None``."""
+    return jax.tree.map(lambda m, *xs: None if m is None else fn(m, *xs),
+                        masks, *trees, is_leaf=_is_none)
+
+
+def random_masks(params: PyTree, sparsity: Any, key: jax.Array, *,
+                 distribution: Any = "erk", where: Where = None) -> PyTree:
+    """Random masks with exactly ``round(s_leaf * n_leaf)`` pruned entries per
+    leaf, ``s_leaf`` from ``distribution`` ("erk": Evci et al. 2020; "uniform";
+    or ``{path_regex: sparsity}``). The initial masks of RigL, SET and static
+    sparse training.
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = random_masks({"w": jnp.ones((4, 4))}, 0.75, jax.random.key(0),
+    ...                  distribution="uniform")
+    >>> int(m["w"].sum())
+    4
+    """
+    chosen = select(params, where)
+    items = leaves_with_paths(params)
+    picked = [(path, jnp.shape(x)) for (path, x), c in zip(items, chosen) if c]
+    per_leaf = iter(allocation.allocate(sparsity, distribution, [p for p, _ in picked],
+                                        [s for _, s in picked]))
+    keys = iter(jax.random.split(key, len(picked)))
+    out = []
+    for (_, x), c in zip(items, chosen):
+        if not c:
+            out.append(None)
+            continue
+        n = int(np.prod(jnp.shape(x)))
+        n_keep = n - threshold.prune_count(next(per_leaf), n)
+        out.append(_random_mask(next(keys), n_keep, tuple(jnp.shape(x))))
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _random_mask(key: jax.Array, n_keep, shape: tuple) -> jax.Array:
+    # The first n_keep ranks of a random permutation: an exact count, no selection pass.
+    rank = jax.random.permutation(key, int(np.prod(shape)))
+    return (rank < n_keep).reshape(shape)
+
+
+def _never(count: jax.Array) -> jax.Array:
+    return jnp.zeros((), bool)
+
+
+def _keep(masks, scores, count, key):
+    return masks
+
+
+_NO_SCORE = Criterion(lambda p: (), None, lambda st, p, g, k: ())
+
+
+def fixed_masks(inner: optax.GradientTransformation,
+                masks: PyTree) -> optax.GradientTransformationExtraArgs:
+    """Trains the subnetwork given by ``masks`` (True = keep, ``None`` = not
+    pruned); the masks never change. Pruned weights are exactly 0.0 after
+    every step and ``inner`` never sees their gradients. This is how a lottery
+    ticket is retrained (Frankle & Carbin 2019, "The Lottery Ticket
+    Hypothesis: Finding Sparse, Trainable Neural Networks").
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([[1.0, 2.0]])}
+    >>> tx = fixed_masks(optax.sgd(0.5), {"w": jnp.array([[True, False]])})
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.5, 0.0]]
+    """
+    where = jax.tree.map(lambda m: m is not None, masks, is_leaf=_is_none)
+
+    def init_masks(params, selected, key):
+        check_same_structure(params, masks, "params", "masks", b_none_ok=True)
+        return masks
+
+    rule = MaskRule(_NO_SCORE, _never, _keep, init_masks=init_masks)
+    return pruned(inner, rule=rule, where=where)
+
+
+def static_sparse(inner: optax.GradientTransformation, sparsity: Any, *,
+                  distribution: Any = "erk", where: Where = None,
+                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """Static sparse training: a random mask drawn at ``init`` with per-leaf
+    sparsity from ``distribution`` (ERK by default) and never changed -- the
+    "static" baseline of Evci et al. 2020 (RigL; Mocanu et al. 2018 for
+    Erdős–Rényi masks).
+
+    Args:
+      inner: the optimizer to wrap.
+      sparsity: overall fraction pruned (or ``{path_regex: sparsity}``).
+      distribution: "erk", "uniform" or ``{path_regex: sparsity}``.
+      where: which leaves are sparse (see ``jaxprune.tree``).
+      seed: PRNG seed of the mask.
+
+    >>> import jax.numpy as jnp, optax, jaxprune
+    >>> tx = static_sparse(optax.adam(1e-3), 0.75, distribution="uniform")
+    >>> state = tx.init({"w": jnp.ones((4, 4))})
+    >>> int(jaxprune.masks_of(state)["w"].sum())
+    4
+    """
+    _check_overall(sparsity)
+
+    def init_masks(params, selected, key):
+        return random_masks(params, sparsity, key, distribution=distribution,
+                            where=_selected_tree(params, selected))
+
+    rule = MaskRule(_NO_SCORE, _never, _keep, init_masks=init_masks)
+    return pruned(inner, rule=rule, where=where, seed=seed)
+
+
+def _check_overall(sparsity: Any) -> None:
+    if not isinstance(sparsity, Mapping):  # a mapping is checked by allocation
+        allocation.check_sparsity(sparsity)
+
+
+def _selected_tree(params: PyTree, selected: list) -> PyTree:
+    return jax.tree.unflatten(jax.tree.structure(params), [bool(s) for s in selected])
+
+
+def drop_and_grow(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
+                  fraction: Union[float, jax.Array]) -> jax.Array:
+    """One leaf's drop-and-grow mask update (Mocanu et al. 2018; Evci et al.
+    2020): of the ``n`` active entries, the ``round(fraction * n)`` with the
+    lowest ``drop_score`` are dropped, then as many entries with the highest
+    ``grow_score`` among those inactive after the drop are grown (a dropped
+    entry may be grown back). The active count is unchanged; ties go to the
+    earlier flat index. Works under ``jit`` with a traced ``fraction``.
+
+    >>> import jax.numpy as jnp
+    >>> mask = jnp.array([True, True, False, False])
+    >>> w = jnp.array([0.1, 2.0, 0.0, 0.0])
+    >>> g = jnp.array([0.0, 0.0, 0.5, 3.0])
+    >>> drop_and_grow(mask, jnp.abs(w), jnp.abs(g), 0.5).tolist()
+    [False, True, False, True]
+    """
+    n_active = jnp.sum(mask, dtype=jnp.int32)
+    n_drop = threshold.prune_count(jnp.asarray(fraction, jnp.float32), n_active)
+    # Inactive entries are protected: they rank above every active score.
+    dropped = threshold.lowest([drop_score], n_drop, protected=[~mask])[0]
+    kept = mask & ~dropped
+    # Highest grow score = lowest negated score; entries still active are protected.
+    grown = threshold.lowest([-grow_score.astype(jnp.float32)], n_drop, protected=[kept])[0]
+    return kept | grown
+
+
+def _drop_fraction_fn(drop_fraction: DropFraction, end: Optional[int],
+                      cosine: bool) -> Callable[[jax.Array], jax.Array]:
+    if callable(drop_fraction):
+        return drop_fraction
+    allocation.check_sparsity(drop_fraction, "drop_fraction")
+    if cosine:
+        # alpha * (1 + cos(pi * t / end)) / 2, RigL's drop-fraction decay.
+        return optax.cosine_decay_schedule(drop_fraction, end)
+    return lambda t: jnp.full((), drop_fraction, jnp.float32)
+
+
+def _update_steps(every: int, end: Optional[int]) -> Callable[[jax.Array], jax.Array]:
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    if end is not None and (not isinstance(end, int) or end < 1):
+        raise ValueError(f"end must be a positive int or None, got {end!r}")
+
+    def is_update(t):
+        # Step 0 is skipped: the random initial masks were just drawn.
+        on = (t > 0) & (t % every == 0)
+        return on if end is None else on & (t < end)
+    return is_update
+
+
+def _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, seed,
+             grow: str, cosine: bool) -> optax.GradientTransformationExtraArgs:
+    _check_overall(sparsity)
+    fraction_at = _drop_fraction_fn(drop_fraction, end, cosine)
+
+    if grow == "gradient":
+        crit = Criterion(lambda p: (), None,
+                         lambda st, p, g, k: (score_fns.magnitude(p), score_fns.magnitude(g)),
+                         needs_grads=True)
+    else:
+        crit = Criterion(lambda p: (), None,
+                         lambda st, p, g, k: (score_fns.magnitude(p), score_fns.random(p, k)))
+
+    def update(masks, scores, count, key):
+        frac = jnp.asarray(fraction_at(count), jnp.float32)
+        drop_scores, grow_scores = scores
+        return _map_masks(lambda m, d, gr: drop_and_grow(m, d, gr, frac),
+                          masks, drop_scores, grow_scores)
+
+    def init_masks(params, selected, key):
+        return random_masks(params, sparsity, key, distribution=distribution,
+                            where=_selected_tree(params, selected))
+
+    rule = MaskRule(crit, _update_steps(every, end), update, init_masks, grows=True)
+    return pruned(inner, rule=rule, where=where, seed=seed)
+
+
+def rigl(inner: optax.GradientTransformation, sparsity: Any, *, end: int, every: int = 100,
+         drop_fraction: DropFraction = 0.3, distribution: Any = "erk", where: Where = None,
+         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """RigL dynamic sparse training (Evci et al. 2020, "Rigging the Lottery:
+    Making All Tickets Winners", ICML).
+
+    Masks start random with per-leaf sparsity from ``distribution`` (ERK by
+    default). At steps ``t = every, 2 * every, ...`` with ``t < end`` each
+    leaf drops ``round(f_t * n_active)`` of its active weights by magnitude,
+    with ``f_t = drop_fraction * (1 + cos(pi * t / end)) / 2``, and grows as
+    many inactive weights with the largest gradient magnitude ``|g|``
+    (see ``drop_and_grow``). Grown weights start at exactly 0.0 with fresh
+    optimizer state. Pass the dense gradient (that of the masked model, which
+    is nonzero at pruned weights) as ``grads``.
+
+    Args:
+      inner: the optimizer to wrap (e.g. ``optax.sgd(0.1, momentum=0.9)``).
+      sparsity: overall fraction pruned, or ``{path_regex: sparsity}``.
+      end: last step (exclusive) of mask updates, e.g. 75% of training.
+      every: mask-update period ``ΔT``.
+      drop_fraction: ``α``, or a callable ``step -> fraction`` replacing the
+        cosine decay.
+      distribution: "erk", "uniform" or ``{path_regex: sparsity}``.
+      where: which leaves are sparse (see ``jaxprune.tree``).
+      seed: PRNG seed of the initial masks.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state
+      ``jaxprune.PrunedState``; ``jaxprune.masks_of(state)`` gives the masks.
+
+    >>> import jax.numpy as jnp, optax, jaxprune
+    >>> tx = rigl(optax.adam(1e-3), 0.5, end=1000, distribution="uniform")
+    >>> state = tx.init({"w": jnp.ones((4, 4))})
+    >>> int(jaxprune.masks_of(state)["w"].sum())
+    8
+    """
+    if not isinstance(end, int) or end < 1:
+        raise ValueError(f"rigl needs end (the last mask-update step) > 0, got {end!r}")
+    return _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, seed,
+                    grow="gradient", cosine=True)
+
+
+def sparse_evolutionary(inner: optax.GradientTransformation, sparsity: Any, *,
+                        every: int = 100, end: Optional[int] = None,
+                        drop_fraction: DropFraction = 0.3, distribution: Any = "erk",
+                        where: Where = None,
+                        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """SET, sparse evolutionary training (Mocanu et al. 2018, "Scalable
+    Training of Artificial Neural Networks with Adaptive Sparse Connectivity
+    inspired by Network Science", Nature Communications).
+
+    Every ``every`` steps (before ``end`` when given) each leaf drops the
+    fraction ``ζ = drop_fraction`` of its smallest-magnitude active weights
+    and regrows as many at random among the inactive ones; regrown weights
+    start at exactly 0.0 with fresh optimizer state. The per-leaf active
+    count never changes. Arguments as in ``rigl``; ``drop_fraction`` is
+    constant unless a callable ``step -> fraction`` is given.
+
+    >>> import jax.numpy as jnp, optax, jaxprune
+    >>> tx = sparse_evolutionary(optax.sgd(0.1), 0.5, every=1, distribution="uniform")
+    >>> state = tx.init({"w": jnp.ones((4, 4))})
+    >>> int(jaxprune.masks_of(state)["w"].sum())
+    8
+    """
+    return _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, seed,
+                    grow="random", cosine=False)
+
+
+def ste(score: Any = score_fns.magnitude,
+        sparsity: Union[float, SparsitySchedule, Callable] = 0.5, *,
+        every: Optional[int] = 1, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    """Tracks masks for straight-through-estimator (STE) training without
+    touching the updates: the dense weights keep training and a pruned weight
+    may come back at a later mask update (Zhou et al. 2021, "Learning N:M
+    Fine-grained Structured Sparse Neural Networks From Scratch"; Bengio et
+    al. 2013 for the estimator).
+
+    Put it anywhere in an optax chain; ``optax.tree.get(state, "masks")`` (or
+    ``jaxprune.masks_of(state)``) reads the masks, which the forward pass
+    applies with ``ste_apply(params, masks)``. Masks are recomputed from the
+    dense weights at every update step of the schedule (every step by
+    default); before the first update they are dense. Arguments are those of
+    ``jaxprune.prune`` (e.g. ``granularity="n_of_m"``, ``n=2``, ``m=4``).
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}
+    >>> tx = optax.chain(optax.sgd(0.1), ste(sparsity=0.5))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> optax.tree.get(state, "masks")["w"].tolist()
+    [[False, True], [True, False]]
+    >>> updates["w"].tolist()  # unchanged: the dense weights keep training
+    [[-0.10000000149011612, 0.30000001192092896], [-0.20000000298023224, -0.05000000074505806]]
+    """
+    tracker = prune(score, sparsity, every=every, regrow=True, **kwargs)
+
+    def update(updates, state, params=None, **extra):
+        # prune's rewritten updates are discarded (dead code under jit).
+        _, state = tracker.update(updates, state, params, **extra)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(tracker.init, update)
+
+
+def ste_apply(params: PyTree, masks: PyTree) -> PyTree:
+    """Masked weights for the forward pass with a straight-through gradient:
+    ``w + stop_gradient(where(mask, w, 0) - w)``. The value equals the masked
+    weights; the gradient with respect to ``w`` is that of the masked model,
+    passed unchanged to every dense weight, pruned ones included (Bengio et
+    al. 2013; Zhou et al. 2021). ``None`` mask leaves pass through.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = {"w": jnp.array([2.0, 3.0])}
+    >>> m = {"w": jnp.array([True, False])}
+    >>> ste_apply(w, m)["w"].tolist()
+    [2.0, 0.0]
+    >>> jax.grad(lambda p: jnp.sum(ste_apply(p, m)["w"] * jnp.array([5.0, 7.0])))(w)["w"].tolist()
+    [5.0, 7.0]
+    """
+    def one(m, w):
+        if m is None:
+            return w
+        return w + lax.stop_gradient(jnp.where(m, w, jnp.zeros((), w.dtype)) - w)
+
+    check_same_structure(params, masks, "params", "masks", b_none_ok=True)
+    for path, m in leaves_with_paths(masks):
+        if not is_mask_leaf(m):
+            raise TypeError(f"masks must hold bool arrays or None; '{path}' has "
+                            f"{getattr(m, 'dtype', type(m).__name__)}")
+    return jax.tree.map(one, masks, params, is_leaf=_is_none)
