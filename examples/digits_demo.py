@@ -23,16 +23,6 @@ import optax
 import jaxprune
 
 
-def load_digits(seed: int = 0):
-    from sklearn.datasets import load_digits as sk_load
-    data = sk_load()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
-    idx = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
-
-
 def init_mlp(key, sizes=(64, 256, 256, 10)):
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -84,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--finetune", type=int, default=300)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    train_set, test_set = load_digits()
+    train_set, test_set = jaxprune.data.digits()
     init = init_mlp(jax.random.key(0))
     dense, _ = train(init, train_set, args.steps, optax.adam(1e-3))
     print(f"dense                       test accuracy {accuracy(dense, *test_set):.4f}  "

@@ -8,7 +8,7 @@ masks back onto parameters::
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import (allocation, criteria, lottery, masks, schedules, scores, sparse_training,
+from jaxprune import (allocation, criteria, data, lottery, masks, schedules, scores, sparse_training,
                       threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.report import summary
@@ -27,6 +27,7 @@ __all__ = [
     "allocation",
     "apply_masks",
     "criteria",
+    "data",
     "fixed_masks",
     "lottery",
     "masks_of",

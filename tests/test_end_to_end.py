@@ -9,16 +9,6 @@ import pytest
 import jaxprune
 
 
-def digits():
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
-    idx = np.random.default_rng(0).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
-
-
 def init(key, sizes=(64, 128, 128, 10)):
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -36,7 +26,7 @@ def forward(params, x):
 
 
 def train(tx, steps, seed=0):
-    (x, y), (xt, yt) = digits()
+    (x, y), (xt, yt) = jaxprune.data.digits()
     x, y = jnp.asarray(x), jnp.asarray(y)
     params = init(jax.random.key(seed))
     state = tx.init(params)

@@ -8,27 +8,16 @@ import pytest
 from hypothesis import given, strategies as st
 
 import jaxprune
+from helpers import mlp_apply, mlp_init
 from jaxprune import lottery as L
 from jaxprune import sparse_training
 
 
 def mlp_params(seed=0, sizes=(64, 64, 10)):
-    key = jax.random.key(seed)
-    params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        key, sub = jax.random.split(key)
-        params[f"Dense_{i}"] = {"kernel": jax.random.normal(sub, (a, b)) * np.sqrt(2.0 / a),
-                                "bias": jnp.zeros(b)}
-    return params
+    return mlp_init(seed, sizes)
 
 
-def forward(params, x):
-    n = len(params)
-    for i in range(n):
-        x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-        if i < n - 1:
-            x = jax.nn.relu(x)
-    return x
+forward = mlp_apply
 
 
 def mask_leaves(masks):
@@ -143,13 +132,7 @@ def test_prune_round_rejects_bad_input():
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
-    idx = np.random.default_rng(0).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
+    return jaxprune.data.digits()
 
 
 @pytest.mark.slow

@@ -9,27 +9,17 @@ import pytest
 from hypothesis import given, strategies as st
 
 import jaxprune
+from helpers import mlp_apply, mlp_init
 from jaxprune import allocation, threshold
 from jaxprune import sparse_training as S
 
 
 def mlp_params(seed=0, sizes=(8, 16, 16, 4)):
-    key = jax.random.key(seed)
-    params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        key, sub = jax.random.split(key)
-        params[f"Dense_{i}"] = {"kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
-                                "bias": jnp.zeros(b)}
-    return params
+    return mlp_init(seed, sizes, gain=1.0)
 
 
 def forward(params, x):
-    n = len(params)
-    for i in range(n):
-        x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-        if i < n - 1:
-            x = jnp.tanh(x)
-    return x
+    return mlp_apply(params, x, jnp.tanh)
 
 
 def loss_fn(params, x, y):
