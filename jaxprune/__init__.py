@@ -9,7 +9,7 @@ masks back onto parameters::
 """
 
 from jaxprune import (allocation, criteria, data, lottery, masks, schedules, scores, sparse_training,
-                      threshold, tree)
+                      structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.report import summary
 from jaxprune.sparse_training import (fixed_masks, rigl, sparse_evolutionary, static_sparse, ste,
@@ -39,6 +39,7 @@ __all__ = [
     "sparse_evolutionary",
     "sparse_training",
     "sparsity_of",
+    "structured",
     "static_sparse",
     "ste",
     "ste_apply",

@@ -171,6 +171,7 @@ class Tracer:
         self.uf = UnionFind()
         self.rules = rules
         self.nodes: dict[tuple, list[int]] = {}
+        self.unknown: list[tuple[str, str, list[int]]] = []
 
     def axes(self, var: Any, scope: tuple) -> list[int]:
         """Node ids of the axes of ``var`` (``[]`` for a literal)."""
@@ -203,16 +204,24 @@ class Tracer:
             name = eqn.primitive.name
             rule = self.rules.get(name)
             if rule is None:
-                touched = [v for v in itertools.chain(eqn.invars, eqn.outvars)
-                           if any(d > 1 for d in getattr(getattr(v, "aval", None), "shape", ()))]
-                if touched:
-                    raise StructuredPruningError(
-                        f"unsupported primitive '{name}' in equation `{_eqn_text(eqn)}`; "
-                        "jaxprune.structured cannot tell which axes it couples. Register a rule "
-                        "in jaxprune.structured.rules.TRACE_RULES or keep this op out of the "
-                        "traced function.")
+                # Never guess: freeze every axis it touches and remember it; the
+                # analysis raises if one of these axes is coupled to a variable.
+                nodes = [n for v in itertools.chain(eqn.invars, eqn.outvars)
+                         for n in self.axes(v, scope)]
+                for n in nodes:
+                    self.uf.freeze(n, f"unsupported primitive '{name}'")
+                self.unknown.append((name, _eqn_text(eqn), nodes))
                 continue
             rule(self, eqn, scope, scope + (i,))
+
+
+def unsupported_error(name: str, text: str) -> StructuredPruningError:
+    return StructuredPruningError(
+        f"unsupported primitive '{name}' in equation `{text}` touches an axis coupled to "
+        "the model's variables; jaxprune.structured cannot tell which axes it couples. "
+        "Register a rule in jaxprune.structured.rules.TRACE_RULES (and, if it has shape "
+        "parameters, in jaxprune.structured.shrink.SHRINK_RULES), or keep this op out of "
+        "the traced function.")
 
 
 def _eqn_text(eqn: Any) -> str:

@@ -1,0 +1,261 @@
+"""Shrinking a traced function by a plan, and the one-call ``prune_channels``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from jaxprune import tree as jtree
+from jaxprune.structured import importance as imp
+from jaxprune.structured import plan as plan_lib
+from jaxprune.structured.groups import Analysis, Group, analyze
+from jaxprune.structured.shrink import Shrinker
+from jaxprune.structured.trace import StructuredPruningError
+
+PyTree = Any
+
+__all__ = ["ShrunkFunction", "shrink", "plan_for", "prune_function", "prune_channels", "PruneResult",
+           "param_count"]
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    def one(x):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            x = np.asarray(x)
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    return jax.tree.map(one, tree)
+
+
+def param_count(variables: PyTree) -> int:
+    """Number of scalars in a pytree of arrays (the size Li et al. 2017 report).
+
+    >>> import numpy as np
+    >>> param_count({"w": np.ones((3, 4)), "b": np.ones(4)})
+    16
+    """
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(variables)))
+
+
+class ShrunkFunction:
+    """``fn(small_variables, *args)``: the traced function at the reduced shapes.
+
+    The function is re-emitted from the jaxpr of ``apply_fn`` (traced at the
+    full shapes); a new input shape (another batch size) triggers one re-trace.
+    Differentiable and jittable; wrap it in ``jax.jit`` (``shrink`` does).
+    Structural pruning by re-emission follows the groups of DepGraph (Fang et
+    al. 2023).
+    """
+
+    def __init__(self, apply_fn: Callable, full_variables: PyTree, plan: dict,
+                 prunable_io: bool = False) -> None:
+        self.apply_fn = apply_fn
+        self.full = _abstract(full_variables)
+        self.plan = plan
+        self.prunable_io = prunable_io
+        self._cache: dict[Any, tuple[Analysis, dict]] = {}
+
+    def _prepared(self, args: tuple) -> tuple[Analysis, Shrinker]:
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        got = self._cache.get(key)
+        if got is None:
+            a = analyze(self.apply_fn, self.full, *_abstract(args), prunable_io=self.prunable_io)
+            plan_lib.check_plan(self.plan, self.full, a.groups)
+            keep = {atom: np.asarray(e["keep"], np.int64)
+                    for atom, e in zip(a.atoms, self.plan["groups"])}
+            got = (a, keep)
+            self._cache[key] = got
+        a, keep = got
+        return a, Shrinker(a, keep)
+
+    def __call__(self, variables: PyTree, *args: Any) -> Any:
+        a, s = self._prepared(args)
+        var_leaves = jtree.leaves_with_paths(variables)
+        have = [p for p, _ in var_leaves]
+        if have != a.leaf_paths:
+            first = next((x for x, y in zip(have + [None], a.leaf_paths + [None]) if x != y))
+            raise StructuredPruningError(
+                f"the variables do not match the pruned model: first differing path "
+                f"{first!r} (expected paths {a.leaf_paths[:5]}...)")
+        jaxpr = a.closed_jaxpr.jaxpr
+        for (path, x), v in zip(var_leaves, jaxpr.invars):
+            want = s.new_shape(v, ())
+            if tuple(np.shape(x)) != want:
+                raise StructuredPruningError(
+                    f"'{path}' has shape {tuple(np.shape(x))}; the shrunk model expects {want}")
+        n = len(var_leaves)
+        # Inputs keep their full shape; only with prunable_io do removed input
+        # features exist, and they are dropped here.
+        flat = [x for _, x in var_leaves] + [
+            s.cut(x, v, ()) for x, v in zip(jax.tree.leaves(args), jaxpr.invars[n:])]
+        outs = s.eval(jaxpr, a.closed_jaxpr.consts, flat, ())
+        return jax.tree.unflatten(a.out_treedef, outs)
+
+
+def plan_for(apply_fn: Callable, variables: PyTree, *example_args: Any, sparsity: float = 0.5,
+             importance: imp.Importance = "l2", scope: str = "local", reduce: str = "sum",
+             normalize: Optional[str] = None, round_to: int = 1,
+             min_channels: Optional[int] = None, ignore: Any = None,
+             grads: Optional[PyTree] = None, seed: int = 0, prunable_io: bool = False) -> dict:
+    """A JSON pruning plan for ``apply_fn``: which channels of each group stay.
+
+    Groups come from the jaxpr (DepGraph, Fang et al. 2023) and are ranked by
+    group importance (``group_importance``: L1, Li et al. 2017; BN scale, Liu
+    et al. 2017; Taylor, Molchanov et al. 2019; ...).
+
+    Args:
+      apply_fn, variables, *example_args: the traced function and its inputs.
+      sparsity: fraction of each group's channels removed (``scope="local"``)
+        or of all channels (``scope="global"``).
+      importance: ``"l1" | "l2" | "taylor" | "saliency" | "bn_scale" |
+        "random"`` or a callable ``(group, leaves, grads) -> scores``.
+      scope, round_to, min_channels, ignore: see ``select_channels``.
+      reduce, normalize, grads, seed: see ``group_importance``.
+      prunable_io: also prune axes that reach the inputs or outputs.
+
+    Returns:
+      A JSON-serialisable plan (see ``jaxprune.structured.plan``).
+    """
+    found = analyze(apply_fn, variables, *example_args, prunable_io=prunable_io).groups
+    scores = imp.group_importance(variables, found, importance, grads=grads, reduce=reduce,
+                                  normalize=normalize, seed=seed)
+    kept = imp.select_channels(found, scores, sparsity, scope=scope, round_to=round_to,
+                               min_channels=min_channels, ignore=ignore)
+    return plan_lib.make_plan(variables, found, kept)
+
+
+def shrink(apply_fn: Callable, variables: PyTree, plan: dict, *,
+           prunable_io: bool = False) -> tuple[PyTree, Callable]:
+    """Smaller variables and a jitted, differentiable forward at reduced shapes.
+
+    The forward re-emits the jaxpr of ``apply_fn`` with the shape parameters
+    along pruned axes rewritten, so it works for any JAX function, including
+    modules with hard-coded widths (DepGraph, Fang et al. 2023).
+
+    Returns:
+      ``(small_variables, jitted_fn)`` with ``jitted_fn(small_variables, *args)``.
+    """
+    plan_lib.check_plan(plan, variables)
+    small = plan_lib.slice_variables(variables, plan)
+    return small, jax.jit(ShrunkFunction(apply_fn, variables, plan, prunable_io))
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What ``prune_channels`` returns."""
+
+    variables: PyTree
+    apply: Callable
+    plan: dict
+    groups: list[Group]
+    params_before: int
+    params_after: int
+    module: Any = None
+    model: Any = None
+
+    def __repr__(self) -> str:
+        kept = [len(e["keep"]) for e in self.plan["groups"]]
+        sizes = [e["size"] for e in self.plan["groups"]]
+        return (f"PruneResult(params {self.params_before} -> {self.params_after}, "
+                f"group widths {sizes} -> {kept})")
+
+
+def prune_function(apply_fn: Callable, variables: PyTree, *example_args: Any,
+                   **kwargs: Any) -> PruneResult:
+    """``plan_for`` + ``shrink`` for any ``apply_fn(variables, *inputs)``.
+
+    Group importance and coupling as in DepGraph (Fang et al. 2023); keyword
+    arguments are those of ``plan_for``.
+    """
+    prunable_io = kwargs.get("prunable_io", False)
+    plan = plan_for(apply_fn, variables, *example_args, **kwargs)
+    small, fn = shrink(apply_fn, variables, plan, prunable_io=prunable_io)
+    return PruneResult(small, fn, plan, plan_lib.plan_groups(plan), param_count(variables),
+                       param_count(small))
+
+
+def _is_flax(target: Any, sub: str) -> bool:
+    return any(c.__module__.startswith(sub) for c in type(target).__mro__)
+
+
+def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
+                   importance: imp.Importance = "l2", round_to: int = 1,
+                   ignore: Any = None, plan: Optional[dict] = None,
+                   apply_kwargs: Optional[dict] = None, rebuild: Optional[Callable] = None,
+                   **kwargs: Any) -> PruneResult:
+    """Removes ``sparsity`` of the channels of every coupled group, for real.
+
+    Groups come from the jaxpr (DepGraph, Fang et al. 2023), ranked by
+    ``importance`` (``"l1"``: Li et al. 2017; ``"bn_scale"``: Liu et al. 2017;
+    ``"taylor"``: Molchanov et al. 2019, with ``grads=``; ``"l2"``;
+    ``"random"``; or a callable); see ``plan_for`` for ``scope``, ``reduce``,
+    ``normalize``, ``min_channels``. A given ``plan`` is replayed instead.
+
+    Args:
+      target: a Linen module (``args = (variables, *example_inputs)``), an NNX
+        model (``args = example_inputs``) or any ``apply_fn(variables, *inputs)``.
+      apply_kwargs: keyword arguments for a Linen ``module.apply`` (e.g.
+        ``{"train": True, "mutable": ["batch_stats"]}``).
+      rebuild: NNX only, for models built from a plain config:
+        ``rebuild(small_variables) -> model`` constructs the user's class at the
+        reduced widths; it runs under ``nnx.eval_shape`` and the reduced
+        variables are merged in, so ``.model`` is an instance of that class.
+
+    Returns:
+      ``PruneResult`` with ``.variables``, ``.apply`` (jitted forward
+      ``(variables, *inputs)`` at reduced shapes), ``.plan`` (JSON data),
+      ``.groups``, ``.module`` (Linen) or ``.model`` (NNX).
+
+    >>> import jax.numpy as jnp
+    >>> f = lambda v, x: jnp.tanh(x @ v["w1"]) @ v["w2"]
+    >>> v = {"w1": jnp.ones((3, 8)), "w2": jnp.ones((8, 2))}
+    >>> r = prune_channels(f, v, jnp.ones((1, 3)), sparsity=0.5)
+    >>> r.variables["w1"].shape, r.params_before, r.params_after
+    ((3, 4), 40, 20)
+    """
+    options = dict(sparsity=sparsity, importance=importance, round_to=round_to, ignore=ignore,
+                   **kwargs)
+    apply_kwargs = dict(apply_kwargs or {})
+    if _is_flax(target, "flax.nnx"):
+        from jaxprune.structured import flax as fx
+        fn, variables, state = fx.nnx_functional(target)
+        full = _run(fn, variables, args, plan, options)
+        small_fn = full.apply
+        full.apply = jax.jit(lambda v, *x: small_fn(v, *x)[0])
+        if rebuild is not None:
+            small_vars = full.variables
+            full.model = fx.rebuild_nnx(lambda: rebuild(small_vars), small_vars)
+        else:
+            full.model = fx.shrunk_nnx_model(small_fn, full.variables, state)
+        return full
+    if _is_flax(target, "flax.linen"):
+        from jaxprune.structured import flax as fx
+        if not args:
+            raise TypeError("for a Linen module pass prune_channels(module, variables, *inputs)")
+        variables, inputs = args[0], args[1:]
+        updates = bool(apply_kwargs.get("mutable"))
+        fn = lambda v, *x: target.apply(v, *x, **apply_kwargs)
+        full = _run(fn, variables, inputs, plan, options)
+        full.module = fx.linen_result(full.apply, full.variables, updates)
+        return full
+    if not callable(target):
+        raise TypeError(f"target must be a Flax module or apply_fn, got {type(target).__name__}")
+    if apply_kwargs:
+        fn0 = target
+        target = lambda v, *x: fn0(v, *x, **apply_kwargs)
+    return _run(target, args[0], args[1:], plan, options)
+
+
+def _run(fn: Callable, variables: PyTree, inputs: tuple, plan: Optional[dict], options: dict) -> PruneResult:
+    prunable_io = options.get("prunable_io", False)
+    if plan is None:
+        plan = plan_for(fn, variables, *inputs, **options)
+    else:
+        plan_lib.check_plan(plan, variables, analyze(fn, variables, *inputs,
+                                                     prunable_io=prunable_io).groups)
+    small, shrunk = shrink(fn, variables, plan, prunable_io=prunable_io)
+    return PruneResult(small, shrunk, plan, plan_lib.plan_groups(plan), param_count(variables),
+                       param_count(small))

@@ -1,0 +1,171 @@
+"""Primitives that hold sub-jaxprs: coupling rules and shrinking rules.
+
+``jit``/``pjit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``
+and ``remat`` are followed inline (their sub-jaxpr's variables live in a scope
+of their own, so a cached sub-jaxpr called twice does not couple its call
+sites); ``scan`` couples carries with themselves and the stacked axis of xs/ys
+is frozen; ``cond`` couples every branch with the operands; ``while`` couples
+the carry through body and condition. When shrinking, the bodies of
+``custom_jvp``/``custom_vjp`` calls are inlined and differentiated directly
+(their rules are traced at the full shapes and cannot be rebound; gradients
+differ only where the rule departs from the body's derivative, e.g. ``relu``
+at exactly 0), ``remat`` stays a
+``jax.checkpoint`` and ``scan``/``cond``/``while`` are re-emitted with
+``lax.scan``/``lax.switch``/``lax.while_loop`` over the shrunk bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from jax import lax
+
+__all__ = ["TRACE_CONTROL", "SHRINK_CONTROL"]
+
+
+def _is_lit(v: Any) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+# ---------------------------------------------------------------- coupling
+def _call(param: str):
+    """jit / custom_jvp_call / custom_vjp_call / remat / closed_call: inline."""
+    def rule(t, eqn, scope, sub):
+        closed = eqn.params[param]
+        jaxpr = getattr(closed, "jaxpr", closed)
+        for v in getattr(jaxpr, "constvars", []):
+            t.axes(v, sub)
+        for outer, inner in zip(eqn.invars, jaxpr.invars):
+            if not _is_lit(outer):
+                t.unite_vars(outer, scope, inner, sub)
+        t.walk(jaxpr, sub)
+        for outer, inner in zip(eqn.outvars, jaxpr.outvars):
+            if not _is_lit(inner):
+                t.unite_vars(outer, scope, inner, sub)
+    return rule
+
+
+def _scan(t, eqn, scope, sub):
+    p = eqn.params
+    body = p["jaxpr"].jaxpr
+    nc, nk = p["num_consts"], p["num_carry"]
+    for k, (outer, inner) in enumerate(zip(eqn.invars, body.invars)):
+        if _is_lit(outer):
+            continue
+        if k < nc + nk:
+            t.unite_vars(outer, scope, inner, sub)
+        else:  # stacked xs: outer axis 0 is the scanned axis
+            oa, ia = t.axes(outer, scope), t.axes(inner, sub)
+            t.uf.freeze(oa[0], "scanned axis")
+            for p_, q in zip(oa[1:], ia):
+                t.uf.union(p_, q)
+    t.walk(body, sub)
+    for k, (outer, inner) in enumerate(zip(eqn.outvars, body.outvars)):
+        if _is_lit(inner):
+            continue
+        if k < nk:
+            t.unite_vars(outer, scope, inner, sub)
+            if not _is_lit(eqn.invars[nc + k]):
+                t.unite_vars(eqn.invars[nc + k], scope, inner, sub)
+        else:
+            oa, ia = t.axes(outer, scope), t.axes(inner, sub)
+            t.uf.freeze(oa[0], "scanned axis")
+            for p_, q in zip(oa[1:], ia):
+                t.uf.union(p_, q)
+
+
+def _cond(t, eqn, scope, sub):
+    t.freeze_var(eqn.invars[0], scope, "cond index")
+    for b, closed in enumerate(eqn.params["branches"]):
+        bsub = sub + (b,)
+        jaxpr = closed.jaxpr
+        for outer, inner in zip(eqn.invars[1:], jaxpr.invars):
+            if not _is_lit(outer):
+                t.unite_vars(outer, scope, inner, bsub)
+        t.walk(jaxpr, bsub)
+        for outer, inner in zip(eqn.outvars, jaxpr.outvars):
+            if not _is_lit(inner):
+                t.unite_vars(outer, scope, inner, bsub)
+
+
+def _while(t, eqn, scope, sub):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cj, bj = p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr
+    cconsts, bconsts, carry = eqn.invars[:cn], eqn.invars[cn:cn + bn], eqn.invars[cn + bn:]
+    csub, bsub = sub + ("cond",), sub + ("body",)
+    for outer, inner in zip(list(cconsts) + list(carry), cj.invars):
+        if not _is_lit(outer):
+            t.unite_vars(outer, scope, inner, csub)
+    for outer, inner in zip(list(bconsts) + list(carry), bj.invars):
+        if not _is_lit(outer):
+            t.unite_vars(outer, scope, inner, bsub)
+    t.walk(cj, csub)
+    t.walk(bj, bsub)
+    for k, inner in enumerate(bj.outvars):
+        if not _is_lit(inner):
+            t.unite_vars(eqn.outvars[k], scope, inner, bsub)
+        if not _is_lit(carry[k]):
+            t.unite_vars(eqn.outvars[k], scope, carry[k], scope)
+
+
+
+# ---------------------------------------------------------------- shrinking
+def _shrink_call(param: str, wrap: Callable | None = None):
+    def rule(s, eqn, invals, scope, sub):
+        fn = s.sub_eval(eqn.params[param], sub)
+        if wrap is not None:
+            fn = wrap(eqn, fn)
+        return list(fn(*invals))
+    return rule
+
+
+def _remat_wrap(eqn, fn):
+    return jax.checkpoint(lambda *a: fn(*a), prevent_cse=eqn.params.get("prevent_cse", True),
+                          policy=eqn.params.get("policy"))
+
+
+def _shrink_scan(s, eqn, invals, scope, sub):
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    body = s.sub_eval(p["jaxpr"], sub)
+
+    def step(carry, x):
+        outs = body(*consts, *carry, *x)
+        return list(outs[:nk]), list(outs[nk:])
+
+    carry, ys = lax.scan(step, list(init), list(xs), length=p["length"],
+                         reverse=p["reverse"], unroll=p.get("unroll", 1))
+    return list(carry) + list(ys)
+
+
+def _shrink_cond(s, eqn, invals, scope, sub):
+    branches = [s.sub_eval(b, sub + (k,)) for k, b in enumerate(eqn.params["branches"])]
+    return list(lax.switch(invals[0], [lambda *a, f=f: list(f(*a)) for f in branches], *invals[1:]))
+
+
+def _shrink_while(s, eqn, invals, scope, sub):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    cond = s.sub_eval(p["cond_jaxpr"], sub + ("cond",))
+    body = s.sub_eval(p["body_jaxpr"], sub + ("body",))
+    return list(lax.while_loop(lambda c: cond(*cconsts, *c)[0],
+                               lambda c: list(body(*bconsts, *c)), list(init)))
+
+
+
+_CALLS = {
+    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
+}
+TRACE_CONTROL: dict[str, Any] = {name: _call(param) for name, param in _CALLS.items()}
+TRACE_CONTROL.update({"scan": _scan, "cond": _cond, "while": _while})
+
+SHRINK_CONTROL: dict[str, Callable] = {
+    name: _shrink_call(param, _remat_wrap if name in ("remat2", "checkpoint") else None)
+    for name, param in _CALLS.items()}
+SHRINK_CONTROL.update({"scan": _shrink_scan, "cond": _shrink_cond, "while": _shrink_while})

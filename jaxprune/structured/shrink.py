@@ -1,0 +1,187 @@
+"""Re-emit a traced jaxpr at reduced shapes.
+
+The shrunk forward pass is the user's own computation, replayed equation by
+equation with ``primitive.bind`` on the smaller arrays. Only the parameters
+that name sizes along pruned axes are rewritten (``reshape`` sizes,
+``broadcast_in_dim`` shapes, ``slice`` bounds, ``split`` sizes, ``gather`` /
+``dynamic_slice`` slice sizes, grouped-conv ``feature_group_count``); ``iota``
+values along a pruned axis are the kept indices; a mean (``reduce_sum`` then
+``div`` by the reduced count) divides by the reduced count, as a model built at
+the reduced width would. This works for any JAX function, including Flax
+modules that hard-code their widths (Li et al. 2017; Fang et al. 2023).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxprune.structured import control
+from jaxprune.structured.trace import StructuredPruningError
+
+__all__ = ["Shrinker", "SHRINK_RULES"]
+
+
+def _is_lit(v: Any) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+class Shrinker:
+    """Evaluates the analysed jaxpr with every pruned axis cut to its kept indices."""
+
+    def __init__(self, analysis: Any, keep: dict[int, np.ndarray]) -> None:
+        self.a = analysis
+        self.t = analysis.tracer
+        self.keep = keep
+        self._kept_cache: dict[int, np.ndarray] = {}
+        self.counts: dict[tuple, tuple[int, int]] = {}
+
+    # -- index bookkeeping -------------------------------------------------
+    def kept(self, node: int) -> np.ndarray:
+        r = self.t.uf.find(node)
+        got = self._kept_cache.get(r)
+        if got is None:
+            got = self.t.uf.kept(r, self.keep)
+            self._kept_cache[r] = got
+        return got
+
+    def old_shape(self, var: Any) -> tuple:
+        return tuple(getattr(var.aval, "shape", ()))
+
+    def new_shape(self, var: Any, scope: tuple) -> tuple:
+        return tuple(len(self.kept(n)) for n in self.t.axes(var, scope))
+
+    def cut(self, x: Any, var: Any, scope: tuple) -> Any:
+        """Takes the kept indices of ``x`` (a full-size value of ``var``)."""
+        for axis, node in enumerate(self.t.axes(var, scope)):
+            idx = self.kept(node)
+            if len(idx) != x.shape[axis]:
+                x = jnp.take(x, jnp.asarray(idx), axis=axis)
+        return x
+
+    # -- evaluation --------------------------------------------------------
+    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], scope: tuple) -> list:
+        env: dict[Any, Any] = {}
+
+        def read(v):
+            return v.val if _is_lit(v) else env[v]
+
+        for v, c in zip(jaxpr.constvars, consts):
+            env[v] = self.cut(jnp.asarray(c), v, scope)
+        for v, x in zip(jaxpr.invars, args):
+            env[v] = x
+        for i, eqn in enumerate(jaxpr.eqns):
+            invals = [read(v) for v in eqn.invars]
+            rule = SHRINK_RULES.get(eqn.primitive.name, _default)
+            outs = rule(self, eqn, invals, scope, scope + (i,))
+            if not eqn.primitive.multiple_results and not isinstance(outs, list):
+                outs = [outs]
+            for v, x in zip(eqn.outvars, outs):
+                if type(v).__name__ != "DropVar":
+                    env[v] = x
+        return [read(v) for v in jaxpr.outvars]
+
+    def sub_eval(self, closed: Any, scope: tuple) -> Callable:
+        jaxpr = getattr(closed, "jaxpr", closed)
+        consts = getattr(closed, "consts", [])
+        return lambda *args: self.eval(jaxpr, consts, args, scope)
+
+
+def _default(s: Shrinker, eqn: Any, invals: list, scope: tuple, sub: tuple) -> Any:
+    return eqn.primitive.bind(*invals, **eqn.params)
+
+
+def _with(**changes):
+    def rule(s, eqn, invals, scope, sub):
+        params = dict(eqn.params)
+        for key, fn in changes.items():
+            params[key] = fn(s, eqn, scope)
+        return eqn.primitive.bind(*invals, **params)
+    return rule
+
+
+def _out_shape(s, eqn, scope):
+    return s.new_shape(eqn.outvars[0], scope)
+
+
+def _full_then_cut(s, eqn, invals, scope, sub):
+    """``iota`` / ``random_bits``: computed at the full shape, then cut to the kept indices."""
+    full = eqn.primitive.bind(*invals, **eqn.params)
+    return s.cut(full, eqn.outvars[0], scope)
+
+
+def _slice(s, eqn, invals, scope, sub):
+    x, out = eqn.invars[0], eqn.outvars[0]
+    p = eqn.params
+    starts, limits = list(p["start_indices"]), list(p["limit_indices"])
+    for k, (nx, no) in enumerate(zip(s.t.axes(x, scope), s.t.axes(out, scope))):
+        kin, kout = s.kept(nx), s.kept(no)
+        if len(kin) == s.old_shape(x)[k] and len(kout) == s.old_shape(out)[k]:
+            continue
+        pos = np.searchsorted(kin, kout + starts[k])
+        if len(pos) == 0 or not np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))) \
+                or not np.array_equal(kin[pos], kout + starts[k]):
+            raise StructuredPruningError(f"internal: slice `{eqn}` does not map onto kept indices")
+        starts[k], limits[k] = int(pos[0]), int(pos[0] + len(pos))
+    return lax.slice(invals[0], starts, limits, p["strides"])
+
+
+def _split(s, eqn, invals, scope, sub):
+    axis = eqn.params["axis"]
+    sizes = tuple(s.new_shape(o, scope)[axis] for o in eqn.outvars)
+    return eqn.primitive.bind(*invals, **{**eqn.params, "sizes": sizes})
+
+
+def _gather(s, eqn, invals, scope, sub):
+    x = eqn.invars[0]
+    old, new = s.old_shape(x), s.new_shape(x, scope)
+    sizes = tuple(n if sz == o else sz for sz, o, n in zip(eqn.params["slice_sizes"], old, new))
+    return eqn.primitive.bind(*invals, **{**eqn.params, "slice_sizes": sizes})
+
+
+def _conv(s, eqn, invals, scope, sub):
+    g = eqn.params.get("feature_group_count", 1)
+    if g == 1:
+        return _default(s, eqn, invals, scope, sub)
+    dn = eqn.params["dimension_numbers"]
+    lf = invals[0].shape[dn.lhs_spec[1]]
+    rin = invals[1].shape[dn.rhs_spec[1]]
+    return eqn.primitive.bind(*invals, **{**eqn.params, "feature_group_count": lf // rin})
+
+
+def _reduce_sum(s, eqn, invals, scope, sub):
+    x = eqn.invars[0]
+    axes = eqn.params["axes"]
+    old = int(np.prod([s.old_shape(x)[a] for a in axes]))
+    new = int(np.prod([invals[0].shape[a] for a in axes]))
+    if old != new:
+        s.counts[(scope, eqn.outvars[0])] = (old, new)
+    return _default(s, eqn, invals, scope, sub)
+
+
+def _div(s, eqn, invals, scope, sub):
+    num, den = eqn.invars
+    hit = None if _is_lit(num) else s.counts.get((scope, num))
+    if hit is not None and _is_lit(den) and np.ndim(den.val) == 0 and float(den.val) == hit[0]:
+        # A mean over a pruned axis: divide by the reduced count.
+        return lax.div(invals[0], jnp.asarray(hit[1], dtype=invals[1].dtype))
+    return _default(s, eqn, invals, scope, sub)
+
+
+SHRINK_RULES: dict[str, Callable] = {
+    "reshape": _with(new_sizes=_out_shape, dimensions=lambda s, e, sc: None),
+    "broadcast_in_dim": _with(shape=_out_shape),
+    "dynamic_slice": _with(slice_sizes=_out_shape),
+    "iota": _full_then_cut,
+    "random_bits": _full_then_cut,
+    "slice": _slice,
+    "split": _split,
+    "gather": _gather,
+    "conv_general_dilated": _conv,
+    "reduce_sum": _reduce_sum,
+    "div": _div,
+}
+SHRINK_RULES.update(control.SHRINK_CONTROL)
