@@ -42,10 +42,12 @@ from jaxprune.structured.plan import (check_plan, describe, group_masks, kept_po
 from jaxprune.structured.api import (PruneResult, ShrunkFunction, param_count, plan_for,
                                      prune_channels, prune_function, shrink)
 from jaxprune.structured.regularize import group_lasso, group_norms
+from jaxprune.structured.training import channels_kept, group_rule, prune_groups
 
 __all__ = [
     "StructuredPruningError", "Group", "groups", "group_importance", "select_channels",
     "check_plan", "describe", "group_masks", "kept_positions", "make_plan", "plan_groups",
     "slice_variables", "zero_removed", "PruneResult", "ShrunkFunction", "param_count",
     "plan_for", "prune_channels", "prune_function", "shrink", "group_lasso", "group_norms",
+    "channels_kept", "group_rule", "prune_groups",
 ]
