@@ -8,7 +8,7 @@ masks back onto parameters::
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import (allocation, criteria, data, lottery, masks, schedules, scores, sparse_training,
+from jaxprune import (allocation, criteria, data, distributed, lottery, masks, schedules, scores, sparse_training,
                       structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.report import summary
@@ -19,6 +19,14 @@ from jaxprune.transform import (STATIC_ARGS, MaskRule, PrunedState, PruneState, 
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # orbax is heavy to import (~2 s): load jaxprune.checkpoint on first use.
+    if name == "checkpoint":
+        import importlib
+        return importlib.import_module("jaxprune.checkpoint")
+    raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")
+
 __all__ = [
     "STATIC_ARGS",
     "MaskRule",
@@ -27,7 +35,9 @@ __all__ = [
     "allocation",
     "apply_masks",
     "criteria",
+    "checkpoint",
     "data",
+    "distributed",
     "fixed_masks",
     "lottery",
     "masks_of",

@@ -94,20 +94,39 @@ def _scatter_count(digit: jax.Array, weight, count_dt) -> jax.Array:
 _CHUNK = 1 << 18  # entries counted per scatter: keeps its index buffers in cache
 
 
-def _chunking(shape: tuple) -> tuple[int, int]:
+def _shard_counts(x: jax.Array) -> Optional[tuple]:
+    """Devices along each axis of an explicitly sharded array, else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not any(
+            t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    counts = []
+    for entry in spec:
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        counts.append(int(np.prod([mesh.shape[n] for n in names])) if names else 1)
+    return tuple(counts)
+
+
+def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
     """(axis, k): count a leaf in ``k`` strided chunks along ``axis``.
 
     Chunk ``j`` holds the slices ``j, j + k, j + 2k, ...`` of ``axis``, so on a
     sharded axis each chunk has rows on every device: devices slice their own
     data and only the small histogram is reduced. The outermost axis that can
     be split finely enough is used, so each slice is a long contiguous run.
+    With ``shards`` (devices per axis of an explicitly sharded leaf) an axis
+    is split only if every chunk still divides evenly over its devices:
+    sharding-in-types cannot reshape ``n@x`` into ``(n // k, k)`` otherwise.
     """
     size = int(np.prod(shape)) if shape else 1
     if size <= _CHUNK:
         return 0, 1
     fallback = (0, 1)
     for axis, n in enumerate(shape):
-        divisors = [d for d in range(2, n + 1) if n % d == 0]
+        divisors = [d for d in range(2, n + 1)
+                    if n % d == 0 and (shards is None or (n // d) % shards[axis] == 0)]
         fitting = [d for d in divisors if size // d <= _CHUNK]
         if fitting:
             return axis, fitting[0]
@@ -129,7 +148,7 @@ def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> j
         return _scatter_count(digit, match.astype(count_dt), count_dt)
 
     shape = make_keys.shapes[leaf]
-    axis, k = _chunking(shape)
+    axis, k = _chunking(shape, _shard_counts(make_keys.arrays[leaf]))
     if k == 1:
         return count(make_keys(leaf))
 
