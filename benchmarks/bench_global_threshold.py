@@ -20,15 +20,16 @@ import jaxprune
 
 
 def make_params(n_million: float, key=jax.random.key(0)):
-    """Leaves shaped like a stack of MLP blocks, totalling ~n_million weights."""
-    width = 1024
-    per_block = 2 * width * 4 * width
-    blocks = max(1, round(n_million * 1e6 / per_block))
-    params = {}
-    for i in range(blocks):
-        k1, k2, key = jax.random.split(key, 3)
-        params[f"block_{i}"] = {"up": jax.random.normal(k1, (width, 4 * width)),
-                                "down": jax.random.normal(k2, (4 * width, width))}
+    """MLP-like leaves of 1024 x 4096 (and one remainder leaf) totalling
+    ``n_million`` million weights."""
+    total, width = int(n_million * 1e6), 1024
+    params, i = {}, 0
+    while total > 0:
+        rows = min(4 * width, max(total // width, 1))
+        key, sub = jax.random.split(key)
+        params[f"layer_{i}"] = jax.random.normal(sub, (rows, width))
+        total -= rows * width
+        i += 1
     return params
 
 

@@ -65,14 +65,17 @@ def _lamp(x: jax.Array) -> jax.Array:
 
 def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Sparsity,
                   scope: str, distribution: Any = "uniform", normalize: Optional[str] = None,
-                  min_density: float = 0.0) -> list[jax.Array]:
+                  min_density: float = 0.0,
+                  demoted: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
     """Keep-masks (True = keep) for a list of score arrays; the shared engine
-    of unstructured, block and channel masks."""
+    of unstructured, block and channel masks. ``demoted`` entries rank lowest
+    (see ``threshold.lowest``)."""
+    demoted = list(demoted) if demoted is not None else [None] * len(xs)
     if scope == "local":
         per_leaf = allocation.allocate(sparsity, distribution, paths,
                                        [tuple(x.shape) for x in xs])
-        return [~threshold.lowest([x], threshold.prune_count(s, x.size))[0]
-                for x, s in zip(xs, per_leaf)]
+        return [~threshold.lowest([x], threshold.prune_count(s, x.size), demoted=[d])[0]
+                for x, s, d in zip(xs, per_leaf, demoted)]
     if scope != "global":
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
     if isinstance(sparsity, Mapping) or distribution != "uniform":
@@ -88,14 +91,15 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
         # Each leaf's top ceil(min_density * n) entries rank above every other
         # score, so one global threshold cannot empty a layer (layer collapse).
         keep_n = [min(math.ceil(min_density * x.size), x.size) for x in xs]
-        protected = [~threshold.lowest([x], x.size - k)[0] for x, k in zip(xs, keep_n)]
+        protected = [~threshold.lowest([x], x.size - k, demoted=[d])[0]
+                     for x, k, d in zip(xs, keep_n, demoted)]
         free = total - sum(keep_n)
         if isinstance(n_prune, int) and n_prune > free:
             raise ValueError(
                 f"sparsity={sparsity} prunes {n_prune} of {total} entries but "
                 f"min_density={min_density} keeps {sum(keep_n)}; lower one of them")
         n_prune = min(n_prune, free) if isinstance(n_prune, int) else jnp.minimum(n_prune, free)
-    return [~p for p in threshold.lowest(xs, n_prune, protected)]
+    return [~p for p in threshold.lowest(xs, n_prune, protected, demoted)]
 
 
 def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
@@ -127,10 +131,21 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
     >>> m["w"].tolist()
     [[True, False], [False, True]]
     """
+    return _unstructured(scores, sparsity, scope, where, distribution, normalize, min_density)
+
+
+def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
+                  distribution: Any, normalize: Optional[str], min_density: float,
+                  demoted: Optional[PyTree] = None) -> PyTree:
+    """``unstructured`` with ``demoted`` (a mask-like tree: True ranks lowest)."""
     picked, chosen, treedef = _selected(scores, where)
     paths = [p for p, _ in picked]
+    demoted_leaves = None
+    if demoted is not None:
+        flat = jax.tree.leaves(demoted, is_leaf=lambda x: x is None)
+        demoted_leaves = [d for d, c in zip(flat, chosen) if c]
     keep = _prune_leaves(paths, [x for _, x in picked], sparsity, scope,
-                         distribution, normalize, min_density)
+                         distribution, normalize, min_density, demoted_leaves)
     return _rebuild(treedef, chosen, keep)
 
 

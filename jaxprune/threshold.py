@@ -208,7 +208,8 @@ def _flat_index(full_shape: tuple, offset: int, chunk=None) -> jax.Array:
 
 
 def lowest(scores: Sequence[jax.Array], n_prune,
-           protected: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
+           protected: Optional[Sequence[Optional[jax.Array]]] = None,
+           demoted: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
     """Boolean "pruned" arrays marking exactly the ``n_prune`` lowest scores.
 
     Args:
@@ -219,6 +220,9 @@ def lowest(scores: Sequence[jax.Array], n_prune,
       protected: optional bool arrays (or None) aligned with ``scores``; True
         entries rank above everything and are pruned only if nothing else is
         left.
+      demoted: optional bool arrays (or None); True entries rank lowest, like
+        NaN (e.g. already-pruned weights, so that masks nest), without the
+        cost of writing NaN into a copy of the scores.
 
     Ties are broken by position in ``scores``, then by flat index: the earlier
     entry is pruned first.
@@ -240,9 +244,19 @@ def lowest(scores: Sequence[jax.Array], n_prune,
         if n_prune >= total and protected is None:
             return [jnp.ones_like(s, dtype=bool) for s in scores]
     protected = list(protected) if protected is not None else [None] * len(scores)
+    demoted = list(demoted) if demoted is not None else [None] * len(scores)
     wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in scores)
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
-    return _lowest(scores, protected, n_prune, wide)
+    return _lowest(scores, protected, demoted, n_prune, wide)
+
+
+def _chunk_of(x: jax.Array, chunk) -> jax.Array:
+    """The strided chunk ``(axis, k, j)`` of ``x`` (see ``_chunking``)."""
+    if chunk is None:
+        return x
+    axis, k, j = chunk
+    split = x.reshape(*x.shape[:axis], x.shape[axis] // k, k, *x.shape[axis + 1:])
+    return lax.dynamic_index_in_dim(split, j, axis + 1, keepdims=False)
 
 
 class _Keys:
@@ -257,31 +271,24 @@ class _Keys:
         a = self.arrays[i]
         if k == 1:
             return self.transform(i, a)
-        n = a.shape[axis]
         # Strided chunk j = rows j, j + k, j + 2k, ...: the split-off axis of
         # length k is unsharded, so every device slices its own rows (a
         # contiguous chunk would live on one shard and force an all-gather).
-        split = a.reshape(*a.shape[:axis], n // k, k, *a.shape[axis + 1:])
-        return self.transform(i, lax.dynamic_index_in_dim(split, j, axis + 1, keepdims=False),
-                              chunk=(axis, k, j))
+        return self.transform(i, _chunk_of(a, (axis, k, j)), chunk=(axis, k, j))
 
 
 @functools.partial(jax.jit, static_argnames="wide")
-def _lowest(scores, protected, n_prune, wide):
+def _lowest(scores, protected, demoted, n_prune, wide):
     # jitted so that eager callers compile once per set of shapes, not per op.
     top = np.iinfo(np.uint64 if wide else np.uint32).max
 
     def keys_of(i, a, chunk=None):
         k = order_keys(a, wide)
-        p = protected[i]
-        if p is None:
-            return k
-        if chunk is not None:
-            axis, n_chunks, j = chunk
-            p = p.reshape(*p.shape[:axis], p.shape[axis] // n_chunks, n_chunks,
-                          *p.shape[axis + 1:])
-            p = lax.dynamic_index_in_dim(p, j, axis + 1, keepdims=False)
-        return jnp.where(p, k.dtype.type(top), k)
+        if demoted[i] is not None:
+            k = jnp.where(_chunk_of(demoted[i], chunk), k.dtype.type(0), k)
+        if protected[i] is not None:
+            k = jnp.where(_chunk_of(protected[i], chunk), k.dtype.type(top), k)
+        return k
 
     make_keys = _Keys(scores, keys_of)
     rank = jnp.maximum(n_prune, 1) - 1

@@ -109,13 +109,18 @@ def schedule_rule(score: Any = score_fns.magnitude,
     crit = criterion(score)
 
     def update(masks, scores, count, key):
-        if not regrow:
+        where_tree = jax.tree.map(lambda mk: mk is not None, masks,
+                                  is_leaf=lambda x: x is None)
+        if not regrow and granularity == "unstructured":
             # Pruned entries rank lowest, so masks nest as sparsity grows.
+            demoted = jax.tree.map(lambda mk: None if mk is None else ~mk, masks,
+                                   is_leaf=lambda x: x is None)
+            return mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
+                                          normalize, min_density, demoted)
+        if not regrow:
             scores = jax.tree.map(
                 lambda s, mk: s if mk is None else jnp.where(mk, s, jnp.nan),
                 scores, masks, is_leaf=lambda x: x is None)
-        where_tree = jax.tree.map(lambda mk: mk is not None, masks,
-                                  is_leaf=lambda x: x is None)
         fn = _mask_fn(granularity, scope, where_tree, distribution, normalize, min_density,
                       n, m, axis, block_shape, reduce)
         return fn(scores, sched(count))

@@ -58,7 +58,7 @@ def test_chunked_counting_of_large_leaves_gives_the_same_selection(leaves, data)
         # A fresh jit of the private kernel so that the patched chunk applies.
         fresh = jax.jit(threshold._lowest.__wrapped__, static_argnames="wide")
         got = fresh([jnp.asarray(x) for x in leaves], [None] * len(leaves),
-                    jnp.uint32(n), False)
+                    [None] * len(leaves), jnp.uint32(n), False)
     finally:
         threshold._CHUNK = old
     flat = np.concatenate([x.ravel() for x in leaves])
@@ -73,3 +73,17 @@ def test_chunking_splits_the_outermost_possible_axis_into_cache_sized_pieces():
     assert axis == 0 and 512 * 4096 // k <= threshold._CHUNK and 512 % k == 0
     axis, k = threshold._chunking((3, 3, 512, 512))  # a conv kernel: split the channels
     assert axis == 2 and 9 * 512 * 512 // k <= threshold._CHUNK
+
+
+@given(st.lists(st.sampled_from([(3,), (2, 3)]).flatmap(
+    lambda shape: st.tuples(hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, 1.0, 2.0])),
+                            hnp.arrays(np.bool_, shape))), min_size=1, max_size=3), st.data())
+def test_demoted_entries_rank_like_nan(pairs, data):
+    leaves, demoted = [p[0] for p in pairs], [p[1] for p in pairs]
+    total = sum(x.size for x in leaves)
+    n = data.draw(st.integers(0, total))
+    got = threshold.lowest([jnp.asarray(x) for x in leaves], n,
+                           demoted=[jnp.asarray(d) for d in demoted])
+    as_nan = threshold.lowest([jnp.where(d, jnp.nan, x) for x, d in zip(leaves, demoted)], n)
+    for a, b in zip(got, as_nan):
+        np.testing.assert_array_equal(a, b)

@@ -212,6 +212,7 @@ def select_channels(groups: Sequence[Group], scores: Sequence[np.ndarray], spars
     kept = []
     for g, s, n, a in zip(groups, scores, targets, active):
         n = _n_keep(g.size, n, round_to, min_channels, g, sparsity) if a else g.size
-        order = np.argsort(-np.asarray(s), kind="stable")[:n]
+        # Remove the lowest first, earlier index first among ties (as jaxprune.masks does).
+        order = np.argsort(np.asarray(s), kind="stable")[g.size - n:]
         kept.append(np.sort(order))
     return kept
