@@ -15,3 +15,13 @@ def test_doc_snippets_run(page, tmp_path, monkeypatch):
     namespace = {"__name__": "__doc__"}
     for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S)):
         exec(compile(block, f"{page.name}[snippet {i}]", "exec"), namespace)
+
+
+def test_readme_quickstarts_run():
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace = {"__name__": "__readme__"}
+    exec(compile(blocks[0], "README.md[scores -> masks -> apply]", "exec"), namespace)
+    assert float(namespace["jaxprune"].sparsity(namespace["masks"])) == 0.9
+    exec(compile(blocks[1], "README.md[prune while training]", "exec"), namespace)
+    assert int(namespace["state"][1].count) == 1
