@@ -128,6 +128,10 @@ def main() -> None:
                         help="MLP kept widths are multiples of this (kernels like it)")
     parser.add_argument("--cnn-round-to", type=int, default=16,
                         help="CNN kept channel counts are multiples of this")
+    parser.add_argument("--cnn-widths", type=int, nargs=3, default=(64, 128, 128),
+                        help="CNN channel widths (XLA:CPU conv speed is not proportional to "
+                             "FLOPs at every width; the from-scratch column shows it)")
+    parser.add_argument("--only", choices=("mlp", "cnn"), default=None)
     args = parser.parse_args()
     reps = 10 if args.quick else 50
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, best of {reps} reps, "
@@ -138,8 +142,12 @@ def main() -> None:
     # The sparsity is chosen so that XLA-counted FLOPs fall as close as the
     # rounding allows to 2x and 4x.
     for target in (2.0, 4.0):
-        results.append(bench("mlp", MLP, (2048, 2048, 2048), x_mlp, target, reps, args.round_to))
-        results.append(bench("cnn", CNN, (64, 128, 128), x_img, target, reps, args.cnn_round_to))
+        if args.only in (None, "mlp"):
+            results.append(bench("mlp", MLP, (2048, 2048, 2048), x_mlp, target, reps,
+                                 args.round_to))
+        if args.only in (None, "cnn"):
+            results.append(bench("cnn", CNN, tuple(args.cnn_widths), x_img, target, reps,
+                                 args.cnn_round_to))
     print(f"{sum(results)}/{len(results)} configurations meet both targets")
 
 
