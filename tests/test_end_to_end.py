@@ -7,22 +7,14 @@ import optax
 import pytest
 
 import jaxprune
+from helpers import mlp_apply, mlp_init
 
 
 def init(key, sizes=(64, 128, 128, 10)):
-    params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        key, sub = jax.random.split(key)
-        params[f"Dense_{i}"] = {"kernel": jax.random.normal(sub, (a, b)) * np.sqrt(2 / a),
-                                "bias": jnp.zeros(b)}
-    return params
+    return mlp_init(key, sizes)
 
 
-def forward(params, x):
-    for i in range(3):
-        x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-        x = jax.nn.relu(x) if i < 2 else x
-    return x
+forward = mlp_apply
 
 
 def train(tx, steps, seed=0):

@@ -174,14 +174,19 @@ def group_masks(variables: PyTree, plan_or_groups: Any,
         m = None
         for (p, axis), idx in pos.items():
             if p == path:
-                keep = np.zeros(np.shape(x)[axis], bool)
-                keep[idx] = True
-                shape = [1] * np.ndim(x)
-                shape[axis] = -1
-                part = np.broadcast_to(keep.reshape(shape), np.shape(x))
+                part = np.broadcast_to(_kept_along(x, axis, idx), np.shape(x))
                 m = part if m is None else (m & part)
         return None if m is None else jnp.asarray(m)
     return _map_leaves(variables, mask)
+
+
+def _kept_along(x: Any, axis: int, idx: Sequence[int]) -> np.ndarray:
+    """A bool array broadcastable to ``x``: True at the kept ``idx`` of ``axis``."""
+    keep = np.zeros(np.shape(x)[axis], bool)
+    keep[idx] = True
+    shape = [1] * np.ndim(x)
+    shape[axis] = -1
+    return keep.reshape(shape)
 
 
 def zero_removed(variables: PyTree, plan: Plan) -> PyTree:
@@ -196,11 +201,7 @@ def zero_removed(variables: PyTree, plan: Plan) -> PyTree:
     def zero(path, x):
         for (p, axis), idx in pos.items():
             if p == path:
-                keep = np.zeros(np.shape(x)[axis], bool)
-                keep[idx] = True
-                shape = [1] * np.ndim(x)
-                shape[axis] = -1
-                x = jnp.where(jnp.asarray(keep.reshape(shape)), x, jnp.zeros_like(x))
+                x = jnp.where(jnp.asarray(_kept_along(x, axis, idx)), x, jnp.zeros_like(x))
         return x
     return _map_leaves(variables, zero)
 
