@@ -55,11 +55,8 @@ def _scan(t, eqn, scope, sub):
             continue
         if k < nc + nk:
             t.unite_vars(outer, scope, inner, sub)
-        else:  # stacked xs: outer axis 0 is the scanned axis
-            oa, ia = t.axes(outer, scope), t.axes(inner, sub)
-            t.uf.freeze(oa[0], "scanned axis")
-            for p_, q in zip(oa[1:], ia):
-                t.uf.union(p_, q)
+        else:  # stacked xs
+            _unite_stacked(t, outer, scope, inner, sub)
     t.walk(body, sub)
     for k, (outer, inner) in enumerate(zip(eqn.outvars, body.outvars)):
         if _is_lit(inner):
@@ -68,11 +65,17 @@ def _scan(t, eqn, scope, sub):
             t.unite_vars(outer, scope, inner, sub)
             if not _is_lit(eqn.invars[nc + k]):
                 t.unite_vars(eqn.invars[nc + k], scope, inner, sub)
-        else:
-            oa, ia = t.axes(outer, scope), t.axes(inner, sub)
-            t.uf.freeze(oa[0], "scanned axis")
-            for p_, q in zip(oa[1:], ia):
-                t.uf.union(p_, q)
+        else:  # stacked ys
+            _unite_stacked(t, outer, scope, inner, sub)
+
+
+def _unite_stacked(t, outer, scope, inner, sub):
+    """A scanned array: outer axis 0 is the (frozen) scan axis, the rest are
+    the body's axes."""
+    oa, ia = t.axes(outer, scope), t.axes(inner, sub)
+    t.uf.freeze(oa[0], "scanned axis")
+    for p_, q in zip(oa[1:], ia):
+        t.uf.union(p_, q)
 
 
 def _cond(t, eqn, scope, sub):

@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any, Callable, Optional, Sequence, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,18 +40,19 @@ def resolve_path(member_path: str, leaf_paths: Sequence[str]) -> Optional[int]:
     return hits[0] if len(hits) == 1 else None
 
 
-def _per_channel(x: Any, axis: int, layout: Sequence[int], size: int) -> np.ndarray:
-    """Sums ``x`` (elementwise scores) into one value per channel of the group.
-
-    The reduction over the other axes runs where ``x`` lives (device); only
-    one value per index of ``axis`` comes back to the host.
-    """
-    others = tuple(a for a in range(jnp.ndim(x)) if a != axis)
-    rows = np.asarray(jnp.sum(x, axis=others), np.float64)
+def channel_sums(x: Any, axis: int, layout: Sequence[int], size: int) -> jax.Array:
+    """Sums ``x`` over every axis but ``axis`` and folds the result into the
+    group's ``size`` channels by ``layout`` (``-1``: not in this group).
+    Jit-safe: the reduction runs where ``x`` lives."""
+    x = jnp.asarray(x)
+    per_index = jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
     lab = np.asarray(layout)
-    out = np.zeros(size)
-    np.add.at(out, lab[lab >= 0], rows[lab >= 0])
-    return out
+    valid = np.flatnonzero(lab >= 0)
+    return jnp.zeros(size, per_index.dtype).at[lab[valid]].add(per_index[valid])
+
+
+def _per_channel(x: Any, axis: int, layout: Sequence[int], size: int) -> np.ndarray:
+    return np.asarray(channel_sums(x, axis, layout, size), np.float64)
 
 
 def group_importance(variables: PyTree, groups: Sequence[Group], importance: Importance = "l2", *,

@@ -197,26 +197,23 @@ def _conv(t, eqn, scope, sub):
     t.uf.set_struct(rout, "prod", [groups, per_out])
 
 
-def _concatenate(t, eqn, scope, sub):
-    out = eqn.outvars[0]
-    dim = eqn.params["dimension"]
-    oa = t.axes(out, scope)
-    for v in eqn.invars:
+def _parts_along(t, whole, parts, axis, scope):
+    """``whole`` is ``parts`` laid end to end along ``axis``: every other axis
+    is shared, and ``axis`` is the sum of the parts' axes."""
+    wa = t.axes(whole, scope)
+    for v in parts:
         for k, a in enumerate(t.axes(v, scope)):
-            if k != dim:
-                t.uf.union(a, oa[k])
-    t.uf.set_struct(oa[dim], "sum", [t.axes(v, scope)[dim] for v in eqn.invars])
+            if k != axis:
+                t.uf.union(a, wa[k])
+    t.uf.set_struct(wa[axis], "sum", [t.axes(v, scope)[axis] for v in parts])
+
+
+def _concatenate(t, eqn, scope, sub):
+    _parts_along(t, eqn.outvars[0], eqn.invars, eqn.params["dimension"], scope)
 
 
 def _split(t, eqn, scope, sub):
-    x = eqn.invars[0]
-    axis = eqn.params["axis"]
-    xa = t.axes(x, scope)
-    for o in eqn.outvars:
-        for k, a in enumerate(t.axes(o, scope)):
-            if k != axis:
-                t.uf.union(a, xa[k])
-    t.uf.set_struct(xa[axis], "sum", [t.axes(o, scope)[axis] for o in eqn.outvars])
+    _parts_along(t, eqn.invars[0], eqn.outvars, eqn.params["axis"], scope)
 
 
 def _slice(t, eqn, scope, sub):

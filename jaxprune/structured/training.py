@@ -26,7 +26,7 @@ from jaxprune import threshold
 from jaxprune.criteria import criterion
 from jaxprune.schedules import SparsitySchedule, as_schedule
 from jaxprune.structured.groups import Group
-from jaxprune.structured.importance import resolve_path
+from jaxprune.structured.importance import channel_sums, resolve_path
 from jaxprune.transform import MaskRule, prune
 from jaxprune.tree import leaves_with_paths
 
@@ -52,10 +52,8 @@ def _members(groups: Sequence[Group], paths: Sequence[str]):
 def _channel_scores(groups, members, leaves) -> list[jax.Array]:
     totals = [jnp.zeros(g.size, jnp.float32) for g in groups]
     for g, leaf, axis, layout in members:
-        x = leaves[leaf].astype(jnp.float32)
-        per_index = jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
-        valid = layout >= 0
-        totals[g] = totals[g].at[layout[valid]].add(per_index[np.flatnonzero(valid)])
+        totals[g] = totals[g] + channel_sums(leaves[leaf].astype(jnp.float32), axis, layout,
+                                             groups[g].size)
     return totals
 
 
