@@ -7,8 +7,8 @@ and summing the histograms across leaves. Cost is O(N) per pass, memory is one
 65,536-bin histogram (keys are recomputed inside each pass, never stored), and
 per-leaf reductions partition across devices when a leaf is sharded: only
 histograms cross devices. Ties at the threshold are broken by leaf order, then
-flat index, by a second radix select over positions that runs only when a tie
-must be split.
+flat index: only when a tie must be split, one more pass counts ties per row
+and one row per leaf finds where the cut falls.
 
 NaN ranks lowest (below -inf): a NaN score is pruned first.
 """
@@ -16,7 +16,7 @@ NaN ranks lowest (below -inf): a NaN score is pruned first.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,6 @@ __all__ = ["order_keys", "lowest", "prune_count"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
-_NO_POSITION = np.uint32(np.iinfo(np.uint32).max)
 
 
 def order_keys(x: jax.Array, wide: bool = False) -> jax.Array:
@@ -78,10 +77,10 @@ def _x64():
     return enable_x64()
 
 
-def _scatter_count(digit: jax.Array, weight, count_dt) -> jax.Array:
-    """Histogram of ``digit`` (any shape, never reshaped so that a sharded
-    leaf is counted shard by shard and only histograms are all-reduced)."""
-    hist = jnp.zeros(_BINS, count_dt)
+def _scatter_count(digit: jax.Array, weight, hist: jax.Array) -> jax.Array:
+    """``hist`` plus the histogram of ``digit`` (any shape, never reshaped so
+    that a sharded leaf is counted shard by shard and only histograms are
+    all-reduced); indices past the end are dropped."""
     mesh = getattr(getattr(jax.typeof(digit), "sharding", None), "mesh", None)
     explicit = mesh is not None and not mesh.empty and any(
         t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
@@ -91,7 +90,17 @@ def _scatter_count(digit: jax.Array, weight, count_dt) -> jax.Array:
     return hist.at[digit].add(weight)
 
 
-_CHUNK = 1 << 18  # entries counted per scatter: keeps its index buffers in cache
+def _iota(like: jax.Array, dim: int, dtype=jnp.uint32) -> jax.Array:
+    """``broadcasted_iota`` shaped and (explicitly) sharded like ``like``."""
+    sharding = getattr(jax.typeof(like), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and not mesh.empty and any(
+            t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return lax.broadcasted_iota(dtype, like.shape, dim, out_sharding=sharding)
+    return lax.broadcasted_iota(dtype, like.shape, dim)
+
+
+_CHUNK = 1 << 19  # entries counted per scatter: keeps its index buffers in cache
 
 
 def _shard_counts(x: jax.Array) -> Optional[tuple]:
@@ -110,7 +119,7 @@ def _shard_counts(x: jax.Array) -> Optional[tuple]:
 
 
 def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
-    """(axis, k): count a leaf in ``k`` strided chunks along ``axis``.
+    """(axis, k): count a leaf in ``k`` chunks along ``axis``.
 
     Chunk ``j`` holds the slices ``j, j + k, j + 2k, ...`` of ``axis``, so on a
     sharded axis each chunk has rows on every device: devices slice their own
@@ -135,27 +144,66 @@ def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
     return fallback
 
 
-def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
-    """Histogram of the 16-bit digit at ``shift`` of one leaf's keys, counting
-    only keys whose higher bits equal ``prefix``."""
-    count_dt = jnp.uint32
+_LANES = 2  # interleaved copies of each histogram: see _leaf_histogram
+_SPARE = 1024  # bins that take the entries not counted: see _leaf_histogram
 
-    def count(keys):
-        digit = ((keys >> shift) & (_BINS - 1)).astype(jnp.int32)
-        if prefix_shift >= keys.dtype.itemsize * 8:
-            return _scatter_count(digit, jnp.ones((), count_dt), count_dt)
-        match = (keys >> prefix_shift) == (prefix >> prefix_shift)
-        return _scatter_count(digit, match.astype(count_dt), count_dt)
 
+def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = True) -> jax.Array:
+    """Histogram over ``bins`` of one leaf: ``index_of(keys)`` gives each
+    key's bin (``>= bins``: not counted) and weight; large leaves are counted
+    chunk by chunk.
+
+    Two things keep XLA:CPU's serial scatter loop fast. Neighbouring entries
+    count into different copies of the histogram (``_LANES`` of them, summed
+    at the end): when most keys are equal (a pruned majority, exact zeros)
+    one shared counter would make every increment wait for the previous one.
+    With ``spread``, entries not counted land in ``_SPARE`` throw-away bins,
+    again spread by position, rather than being dropped: a drop is a branch,
+    and a random mix of counted and uncounted entries (say 30% of a layer
+    already pruned) would mispredict it constantly. When nearly all entries
+    go uncounted (later radix passes) dropping them is cheaper.
+    """
+    # On several devices the histogram is all-reduced: keep it one plain copy
+    # (uncounted entries are dropped) so that no more than 2**16 bins move.
+    lanes = _LANES if not _strided() else 1
+    spares = _SPARE if lanes > 1 and spread else 0
+    spare = bins * lanes
+
+    def count(keys, hist):
+        index, weight = index_of(keys)
+        if keys.ndim and lanes > 1:
+            col = _iota(keys, keys.ndim - 1)
+            uncounted = spare + col % spares if spares else jnp.uint32(spare)  # else dropped
+            index = jnp.where(index < bins, index + (col % lanes) * jnp.uint32(bins), uncounted)
+        else:
+            index = jnp.where(index < bins, index, spare + spares)  # past the end: dropped
+        return _scatter_count(index.astype(jnp.int32), weight, hist)
+
+    zeros = jnp.zeros(spare + spares, jnp.uint32)
     shape = make_keys.shapes[leaf]
     axis, k = _chunking(shape, _shard_counts(make_keys.arrays[leaf]))
     if k == 1:
-        return count(make_keys(leaf))
+        hist = count(make_keys(leaf), zeros)
+    else:
+        hist = lax.fori_loop(0, k, lambda j, h: count(make_keys(leaf, axis, k, j), h), zeros)
+    return hist[:spare].reshape(lanes, bins).sum(0, dtype=jnp.uint32)
 
-    def body(j, hist):
-        return hist + count(make_keys(leaf, axis, k, j))
 
-    return lax.fori_loop(0, k, body, jnp.zeros(_BINS, count_dt))
+def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
+    """Histogram of the 16-bit digit at ``shift`` of one leaf's keys, counting
+    only keys whose higher bits equal ``prefix``. Key 0 (NaN or demoted, often
+    most entries once masks nest) is not counted: one shared counter would
+    serialise the scatter. ``_kth_key`` restores its count from the totals."""
+    def index_of(keys):
+        digit = (keys >> shift) & (_BINS - 1)
+        count = keys != 0
+        if prefix_shift < keys.dtype.itemsize * 8:
+            count = count & ((keys >> prefix_shift) == (prefix >> prefix_shift))
+        return jnp.where(count, digit, _BINS), jnp.ones((), jnp.uint32)  # _BINS: not counted
+
+    # Pass 1 leaves out only key 0; later passes leave out all but one bucket.
+    first = prefix_shift >= make_keys.dtype.itemsize * 8
+    return _leaf_histogram(make_keys, leaf, _BINS, index_of, spread=first)
 
 
 def _kth_key(make_keys, rank):
@@ -172,44 +220,39 @@ def _kth_key(make_keys, rank):
     remaining = jnp.asarray(rank, jnp.uint32)
     below = jnp.zeros((), jnp.uint32)
     equal = jnp.zeros((), jnp.uint32)
+    # Entries whose higher digits equal the prefix: all of them in pass 1.
+    matching = jnp.uint32(sum(int(np.prod(s)) for s in make_keys.shapes))
     for shift in range(bits_n - _DIGIT_BITS, -1, -_DIGIT_BITS):
         hist = sum(_histogram(make_keys, i, shift, prefix, shift + _DIGIT_BITS)
                    for i in range(len(make_keys.shapes)))
+        # Uncounted key-0 entries belong to digit 0 (non-zero only while prefix == 0).
+        hist = hist.at[0].add(matching - jnp.sum(hist, dtype=jnp.uint32))
         cum = jnp.cumsum(hist)
         digit = jnp.searchsorted(cum, remaining, side="right")
         before = jnp.where(digit > 0, cum[jnp.maximum(digit - 1, 0)], 0).astype(jnp.uint32)
         remaining = remaining - before
         below = below + before
         prefix = prefix | (digit.astype(udt) << shift)
-        equal = hist[digit]  # after the last pass: entries equal in every digit
+        equal = matching = hist[digit]  # after the last pass: entries equal in every digit
     return prefix, below, equal
 
 
-def _flat_index(full_shape: tuple, offset: int, chunk=None) -> jax.Array:
-    """``offset + row-major flat index`` of every entry of a leaf of
-    ``full_shape``, or of its strided chunk ``(axis, k, j)`` (rows ``j::k``
-    of ``axis``); built from iotas so that
-    nothing parameter-sized is stored and a sharded leaf stays sharded."""
-    shape = list(full_shape)
-    start = None
-    if chunk is not None:
-        axis, k, j = chunk
-        shape[axis] //= k
-        start = (axis, k, jnp.asarray(j).astype(jnp.uint32))
-    index = jnp.full(shape, offset, jnp.uint32)
+def _flat_index(like: jax.Array) -> jax.Array:
+    """Row-major flat index of every entry of ``like``, built from iotas so
+    that nothing parameter-sized is read and a sharded leaf stays sharded."""
+    index = jnp.zeros_like(like, dtype=jnp.uint32)
     stride = 1
-    for dim in reversed(range(len(shape))):
-        coord = lax.broadcasted_iota(jnp.uint32, tuple(shape), dim)
-        if start is not None and start[0] == dim:  # row r of chunk j is row r * k + j
-            coord = coord * jnp.uint32(start[1]) + start[2]
-        index = index + coord * jnp.uint32(stride)
-        stride *= full_shape[dim]
+    for dim in reversed(range(like.ndim)):
+        index = index + _iota(like, dim) * jnp.uint32(stride)
+        stride *= like.shape[dim]
     return index
 
 
 def lowest(scores: Sequence[jax.Array], n_prune,
            protected: Optional[Sequence[Optional[jax.Array]]] = None,
-           demoted: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
+           demoted: Optional[Sequence[Optional[jax.Array]]] = None, *,
+           kept: Optional[Sequence[Optional[jax.Array]]] = None,
+           elementwise: Optional[Callable[[jax.Array], jax.Array]] = None) -> list[jax.Array]:
     """Boolean "pruned" arrays marking exactly the ``n_prune`` lowest scores.
 
     Args:
@@ -223,6 +266,12 @@ def lowest(scores: Sequence[jax.Array], n_prune,
       demoted: optional bool arrays (or None); True entries rank lowest, like
         NaN (e.g. already-pruned weights, so that masks nest), without the
         cost of writing NaN into a copy of the scores.
+      kept: optional bool arrays (or None); False entries rank lowest. The
+        complement of ``demoted``: pass the current keep-masks here and their
+        negation is never written out.
+      elementwise: optional function applied to every score array before
+        ranking, inside each counting pass, so that its result is never
+        stored (``jnp.abs`` ranks magnitudes straight from the weights).
 
     Ties are broken by position in ``scores``, then by flat index: the earlier
     entry is pruned first.
@@ -233,6 +282,8 @@ def lowest(scores: Sequence[jax.Array], n_prune,
     >>> import jax.numpy as jnp
     >>> [m.tolist() for m in lowest([jnp.array([3.0, 1.0]), jnp.array([1.0, 0.5])], 2)]
     [[False, True], [False, True]]
+    >>> lowest([jnp.array([-3.0, 1.0, -2.0])], 1, elementwise=jnp.abs)[0].tolist()
+    [False, True, False]
     """
     scores = [jnp.asarray(s) for s in scores]
     total = sum(s.size for s in scores)
@@ -243,49 +294,150 @@ def lowest(scores: Sequence[jax.Array], n_prune,
             return [jnp.zeros_like(s, dtype=bool) for s in scores]
         if n_prune >= total and protected is None:
             return [jnp.ones_like(s, dtype=bool) for s in scores]
-    protected = list(protected) if protected is not None else [None] * len(scores)
-    demoted = list(demoted) if demoted is not None else [None] * len(scores)
-    wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in scores)
+
+    def aligned(masks, name):
+        masks = list(masks) if masks is not None else [None] * len(scores)
+        if len(masks) != len(scores):
+            raise ValueError(f"{name} has {len(masks)} entries for {len(scores)} score arrays")
+        for i, (m, s) in enumerate(zip(masks, scores)):
+            if m is not None and tuple(jnp.shape(m)) != tuple(s.shape):
+                raise ValueError(f"{name}[{i}] has shape {tuple(jnp.shape(m))}, "
+                                 f"score array {i} has shape {tuple(s.shape)}")
+        return masks
+
+    protected, demoted, kept = (aligned(m, n) for m, n in
+                                ((protected, "protected"), (demoted, "demoted"), (kept, "kept")))
+    ranked = scores if elementwise is None else [
+        jax.eval_shape(elementwise, s) for s in scores]
+    wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in ranked)
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
-    return _lowest(scores, protected, demoted, n_prune, wide)
+    return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise)
+
+
+# How large leaves are cut into chunks: None picks "contiguous" on a single
+# device (XLA:CPU counts a contiguous block about 1.5x faster) and "strided"
+# when several devices exist (a leaf may be sharded; see _Keys).
+_LAYOUT: Optional[str] = None
+
+
+def _strided() -> bool:
+    if _LAYOUT is not None:
+        return _LAYOUT == "strided"
+    return jax.device_count() > 1
 
 
 def _chunk_of(x: jax.Array, chunk) -> jax.Array:
-    """The strided chunk ``(axis, k, j)`` of ``x`` (see ``_chunking``)."""
+    """Chunk ``(axis, k, j, strided)`` of ``x`` (see ``_chunking``): rows
+    ``j::k`` of ``axis`` if strided, else the ``j``-th of ``k`` blocks."""
     if chunk is None:
         return x
-    axis, k, j = chunk
-    split = x.reshape(*x.shape[:axis], x.shape[axis] // k, k, *x.shape[axis + 1:])
-    return lax.dynamic_index_in_dim(split, j, axis + 1, keepdims=False)
+    axis, k, j, strided = chunk
+    n = x.shape[axis]
+    if strided:
+        split = x.reshape(*x.shape[:axis], n // k, k, *x.shape[axis + 1:])
+        return lax.dynamic_index_in_dim(split, j, axis + 1, keepdims=False)
+    split = x.reshape(*x.shape[:axis], k, n // k, *x.shape[axis + 1:])
+    return lax.dynamic_index_in_dim(split, j, axis, keepdims=False)
 
 
 class _Keys:
-    """Rebuilds the order keys of leaf ``i`` (whole or one strided chunk)."""
+    """Rebuilds the order keys of leaf ``i`` (whole or one chunk)."""
 
     def __init__(self, arrays, transform):
         self.arrays, self.transform = arrays, transform
         self.shapes = [a.shape for a in arrays]
         self.dtype = jax.eval_shape(lambda a: transform(0, a), arrays[0]).dtype
 
-    def __call__(self, i, axis=None, k=1, j=None):
+    def __call__(self, i, axis=None, k=1, j=None, strided=None):
         a = self.arrays[i]
         if k == 1:
             return self.transform(i, a)
         # Strided chunk j = rows j, j + k, j + 2k, ...: the split-off axis of
         # length k is unsharded, so every device slices its own rows (a
         # contiguous chunk would live on one shard and force an all-gather).
-        return self.transform(i, _chunk_of(a, (axis, k, j)), chunk=(axis, k, j))
+        chunk = (axis, k, j, _strided() if strided is None else strided)
+        return self.transform(i, _chunk_of(a, chunk), chunk=chunk)
 
 
-@functools.partial(jax.jit, static_argnames="wide")
-def _lowest(scores, protected, demoted, n_prune, wide):
+def _rows(x: jax.Array) -> jax.Array:
+    """``x`` as a matrix whose rows are runs of consecutive flat indices, each
+    shorter than 2**16 where the shape allows (so that 16-bit row counts,
+    which XLA:CPU vectorises, cannot overflow)."""
+    cols = x.shape[-1] if x.ndim else 1
+    if cols >= 1 << 16:  # split the last axis (the outer part joins the rows)
+        cols = max((d for d in range(1, 1 << 16) if cols % d == 0), default=cols)
+    return x.reshape(-1, cols)
+
+
+def _first_reaching(counts: jax.Array, target) -> tuple[jax.Array, jax.Array]:
+    """Smallest ``i`` with ``sum(counts[:i + 1]) >= target`` and
+    ``sum(counts[:i])``, by bisection over masked sums: no cumsum and no
+    dynamic indexing, so a sharded ``counts`` only ever all-reduces scalars."""
+    n = counts.shape[0]
+    index = _iota(counts, 0, jnp.int32)
+
+    def prefix(i):  # sum(counts[:i])
+        return jnp.sum(jnp.where(index < i, counts, 0), dtype=jnp.uint32)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        reached = prefix(mid + 1) >= target
+        return jnp.where(reached, lo, mid + 1), jnp.where(reached, mid, hi)
+
+    lo, _ = lax.fori_loop(0, max(n - 1, 1).bit_length(), step,
+                          (jnp.int32(0), jnp.int32(n - 1)))
+    return lo, prefix(lo)
+
+
+def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
+    """Per leaf, the flat index below which ties (keys equal to ``t``) are
+    pruned, so that exactly ``needed`` ties are pruned in (leaf, flat index)
+    order: ties are counted per row (one pass of 16-bit sums, which XLA:CPU
+    vectorises); in the one leaf where the cut falls, the row holding it is
+    read back (one pass of ``any``) and its column found by bisection.
+    Keys are rebuilt by ``make_keys(i)`` wherever used, never stored."""
+    cuts = []
+    before = jnp.zeros((), jnp.uint32)
+    for i, shape in enumerate(make_keys.shapes):
+        size = int(np.prod(shape))
+        if size == 0:
+            cuts.append(jnp.uint32(0))
+            continue
+        rows = _rows(make_keys(i))
+        narrow = rows.shape[1] < 1 << 16
+        per_row = jnp.sum(rows == t, axis=1, dtype=jnp.uint16 if narrow else jnp.uint32)
+        per_row = per_row.astype(jnp.uint32)
+        ties = jnp.sum(per_row, dtype=jnp.uint32)
+        here = jnp.minimum(needed - jnp.minimum(before, needed), ties)
+        before = before + ties
+
+        def split(i=i, per_row=per_row, here=here):
+            r, above = _first_reaching(per_row, here)
+            rows = _rows(make_keys(i))
+            # Row r by a masked "any" over rows: sharding-safe and cheap.
+            in_row_r = (rows == t) & (_iota(rows, 0, jnp.int32) == r)
+            pattern = jnp.any(in_row_r, axis=0).astype(jnp.uint32)
+            col, _ = _first_reaching(pattern, here - above)
+            return r.astype(jnp.uint32) * jnp.uint32(rows.shape[1]) + col.astype(jnp.uint32) + 1
+
+        cuts.append(lax.cond((here > 0) & (here < ties), split,
+                             lambda here=here, size=size: jnp.where(
+                                 here == 0, jnp.uint32(0), jnp.uint32(size))))
+    return cuts
+
+
+@functools.partial(jax.jit, static_argnames=("wide", "elementwise"))
+def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None):
     # jitted so that eager callers compile once per set of shapes, not per op.
     top = np.iinfo(np.uint64 if wide else np.uint32).max
 
     def keys_of(i, a, chunk=None):
-        k = order_keys(a, wide)
+        k = order_keys(a if elementwise is None else elementwise(a), wide)
         if demoted[i] is not None:
             k = jnp.where(_chunk_of(demoted[i], chunk), k.dtype.type(0), k)
+        if kept[i] is not None:
+            k = jnp.where(_chunk_of(kept[i], chunk), k, k.dtype.type(0))
         if protected[i] is not None:
             k = jnp.where(_chunk_of(protected[i], chunk), k.dtype.type(top), k)
         return k
@@ -294,21 +446,24 @@ def _lowest(scores, protected, demoted, n_prune, wide):
     rank = jnp.maximum(n_prune, 1) - 1
     t, below, ties_total = _kth_key(make_keys, rank)
     ties_needed = n_prune - below  # >= 1 when n_prune >= 1
-    offsets = np.cumsum([0] + [s.size for s in scores]).tolist()
 
-    def position_of(i, a, chunk=None):
-        keys = keys_of(i, a, chunk)
-        pos = _flat_index(scores[i].shape, offsets[i], chunk)
-        return jnp.where(keys == t, pos, _NO_POSITION)
+    def all_ties():  # the common case: no extra pass
+        return [(keys_of(i, s) <= t) & (n_prune > 0) for i, s in enumerate(scores)]
 
-    # Position of the last tie to prune: all ties (common case, no extra pass)
-    # or the (ties_needed)-th tie in (leaf, flat index) order.
-    last = lax.cond(ties_needed == ties_total,
-                    lambda: jnp.asarray(_NO_POSITION),
-                    lambda: _kth_key(_Keys(scores, position_of), ties_needed - 1)[0])
-    out = []
-    for i, s in enumerate(scores):
-        k = keys_of(i, s)
-        pos = _flat_index(s.shape, offsets[i])
-        out.append(((k < t) | ((k == t) & (pos <= last))) & (n_prune > 0))
-    return out
+    def some_ties():
+        out = []
+        for i, cut in enumerate(_tie_cuts(make_keys, t, ties_needed)):
+            size = int(np.prod(scores[i].shape))
+
+            def partial(i=i, cut=cut):  # the one leaf where the cut falls
+                k = make_keys(i)
+                return (k < t) | ((k == t) & (_flat_index(k) < cut))
+
+            def whole(i=i, cut=cut):  # none or all of this leaf's ties
+                k = make_keys(i)
+                return (k < t) | ((k == t) & (cut > 0))
+
+            out.append(lax.cond((cut > 0) & (cut < size), partial, whole))
+        return out
+
+    return lax.cond((ties_needed == ties_total) | (n_prune == 0), all_ties, some_ties)

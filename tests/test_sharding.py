@@ -28,7 +28,7 @@ SPECS = {"embed": P("data", "model"), "Dense_0/kernel": P(None, "model"),
 
 def _params(big=False):
     ks = jax.random.split(jax.random.key(0), 4)
-    return {"embed": jax.random.normal(ks[0], (1024, 512) if big else (64, 32)),
+    return {"embed": jax.random.normal(ks[0], (2048, 512) if big else (64, 32)),
             "Dense_0": {"kernel": jax.random.normal(ks[1], (32, 64))},
             "Dense_1": {"kernel": jax.random.normal(ks[2], (64, 16)),
                         "bias": jax.random.normal(ks[3], (16,))}}
@@ -103,7 +103,7 @@ def test_compiled_global_threshold_all_reduces_histograms_and_gathers_no_scores(
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_chunked_counting_of_a_large_sharded_leaf_gathers_nothing(axis_type):
-    # 1024 x 512 > 2**18 entries: counted chunk by chunk along the sharded axis 0.
+    # 2048 x 512 > threshold._CHUNK entries: counted chunk by chunk along the sharded axis 0.
     mesh = _mesh(axis_type)
     params = _params(big=True)
     sharded = _shard(params, mesh)

@@ -1,10 +1,13 @@
 """The radix select: order keys and exact k-smallest selection."""
 
+import contextlib
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, strategies as st
+import pytest
+from hypothesis import given, settings, strategies as st
 
 from jaxprune import threshold
 
@@ -44,29 +47,6 @@ def test_prune_count_rounds_half_to_even_like_python():
     assert int(threshold.prune_count(jnp.float32(0.5), 5)) == 2
 
 
-@given(st.lists(st.sampled_from([(6, 5), (7, 3), (2, 9, 4), (11,)]).flatmap(
-    lambda shape: hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, 1.0, 2.0]))),
-    min_size=1, max_size=3), st.data())
-def test_chunked_counting_of_large_leaves_gives_the_same_selection(leaves, data):
-    # Leaves above threshold._CHUNK are counted chunk by chunk in a loop;
-    # shrink the chunk so that these small leaves take that path.
-    total = sum(x.size for x in leaves)
-    n = data.draw(st.integers(0, total))
-    old = threshold._CHUNK
-    threshold._CHUNK = 4
-    try:
-        # A fresh jit of the private kernel so that the patched chunk applies.
-        fresh = jax.jit(threshold._lowest.__wrapped__, static_argnames="wide")
-        got = fresh([jnp.asarray(x) for x in leaves], [None] * len(leaves),
-                    [None] * len(leaves), jnp.uint32(n), False)
-    finally:
-        threshold._CHUNK = old
-    flat = np.concatenate([x.ravel() for x in leaves])
-    expected = np.zeros(total, bool)
-    expected[np.argsort(flat, kind="stable")[:n]] = True
-    np.testing.assert_array_equal(np.concatenate([np.asarray(m).ravel() for m in got]), expected)
-
-
 def test_chunking_splits_the_outermost_possible_axis_into_cache_sized_pieces():
     assert threshold._chunking((10, 10)) == (0, 1)
     axis, k = threshold._chunking((512, 4096))
@@ -87,3 +67,83 @@ def test_demoted_entries_rank_like_nan(pairs, data):
     as_nan = threshold.lowest([jnp.where(d, jnp.nan, x) for x, d in zip(leaves, demoted)], n)
     for a, b in zip(got, as_nan):
         np.testing.assert_array_equal(a, b)
+
+
+@contextlib.contextmanager
+def _patched(**values):
+    """Temporarily set module constants of ``threshold`` (layout, chunk size)."""
+    old = {k: getattr(threshold, k) for k in values}
+    for k, v in values.items():
+        setattr(threshold, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(threshold, k, v)
+
+
+def _reference(leaves, kept, n):
+    """Stable order: NaN or not-kept entries first (by position), then by value."""
+    flat = np.concatenate([x.ravel() for x in leaves]).astype(np.float64)
+    low = np.concatenate([(np.isnan(x) | ~k).ravel() for x, k in zip(leaves, kept)])
+    order = np.lexsort((np.arange(flat.size), np.where(low, 0.0, flat), ~low))
+    expected = np.zeros(flat.size, bool)
+    expected[order[:n]] = True
+    return expected
+
+
+LAYOUTS = [dict(_LAYOUT="contiguous"), dict(_LAYOUT="strided"),
+           dict(_LAYOUT="contiguous", _CHUNK=4), dict(_LAYOUT="strided", _CHUNK=4)]
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.lists(st.sampled_from([(6, 5), (7, 3), (2, 9, 4), (11,), ()]).flatmap(
+    lambda shape: st.tuples(
+        hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, -1.0, 1.0, 2.0, np.nan])),
+        hnp.arrays(np.bool_, shape))), min_size=1, max_size=4),
+    st.sampled_from(range(len(LAYOUTS))), st.data())
+def test_every_layout_selects_exactly_with_ties_nan_and_kept_masks(pairs, layout, data):
+    # Single-device tuning (contiguous chunks, histogram lanes, spare bins)
+    # and the multi-device layout must pick the same entries: the suite runs
+    # on 8 simulated devices, so both are forced here.
+    leaves, kept = [p[0] for p in pairs], [p[1] for p in pairs]
+    total = sum(x.size for x in leaves)
+    n = data.draw(st.integers(0, total))
+    with _patched(**LAYOUTS[layout]):
+        fresh = jax.jit(lambda s, k, m: threshold._lowest.__wrapped__(
+            s, [None] * len(s), [None] * len(s), k, m, False, jnp.abs))
+        got = fresh([jnp.asarray(x) for x in leaves], [jnp.asarray(k) for k in kept],
+                    jnp.uint32(n))
+    got = np.concatenate([np.asarray(m).ravel() for m in got])
+    np.testing.assert_array_equal(got, _reference([np.abs(x) for x in leaves], kept, n))
+
+
+@pytest.mark.parametrize("layout", [dict(_LAYOUT="contiguous"), dict(_LAYOUT="strided")])
+def test_a_tie_split_deep_inside_a_long_row_lands_on_the_exact_entry(layout):
+    # 2**17 entries in one row: split into rows shorter than 2**16 for the
+    # 16-bit tie counts; the cut falls among thousands of equal keys.
+    x = np.zeros(1 << 17, np.float32)
+    x[::3] = 1.0
+    ones = int((x == 1.0).sum())
+    n = (x.size - ones) + ones // 2 + 7  # every 0, then half the tied 1s and 7 more
+    with _patched(**layout):
+        fresh = jax.jit(lambda s, m: threshold._lowest.__wrapped__(
+            s, [None], [None], [None], m, False, None))
+        got = np.asarray(fresh([jnp.asarray(x)], jnp.uint32(n))[0])
+    np.testing.assert_array_equal(got, _reference([x], [np.ones(x.shape, bool)], n))
+
+
+def test_elementwise_and_kept_match_materialised_scores_and_demoted():
+    x = jax.random.normal(jax.random.key(0), (64, 48))
+    kept = jax.random.bernoulli(jax.random.key(1), 0.7, x.shape)
+    fused = threshold.lowest([x], 2000, kept=[kept], elementwise=jnp.abs)[0]
+    plain = threshold.lowest([jnp.abs(x)], 2000, demoted=[~kept])[0]
+    np.testing.assert_array_equal(fused, plain)
+    assert int(fused.sum()) == 2000
+
+
+def test_mask_arguments_of_the_wrong_shape_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"kept\[0\] has shape \(3,\)"):
+        threshold.lowest([jnp.ones((2, 3))], 1, kept=[jnp.ones(3, bool)])
+    with pytest.raises(ValueError, match="protected has 2 entries for 1"):
+        threshold.lowest([jnp.ones(3)], 1, protected=[None, None])
