@@ -32,6 +32,9 @@ class Criterion(NamedTuple):
       score: ``(stats, params, grads, key) -> scores`` run at mask updates.
       needs_grads: the criterion reads gradients.
       reset_after_update: ``stats`` restart from ``init`` after a mask update.
+      elementwise: when set, ``score`` is this function applied to every
+        leaf of params, and a mask rule may apply it inside its own passes
+        rather than store the scores (magnitude: ``jnp.abs``).
     """
 
     init: Callable[[PyTree], PyTree]
@@ -39,6 +42,7 @@ class Criterion(NamedTuple):
     score: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
     needs_grads: bool = False
     reset_after_update: bool = False
+    elementwise: Optional[Callable[[jax.Array], jax.Array]] = None
 
 
 def _none(params: PyTree) -> PyTree:
@@ -83,7 +87,8 @@ def criterion(score: Any) -> Criterion:
     if isinstance(score, Criterion):
         return score
     if score is scores.magnitude:
-        return Criterion(_none, None, lambda st, p, g, k: scores.magnitude(p))
+        return Criterion(_none, None, lambda st, p, g, k: scores.magnitude(p),
+                         elementwise=jnp.abs)
     if score is scores.random:
         return Criterion(_none, None, lambda st, p, g, k: scores.random(p, k))
     if score in (scores.saliency, scores.taylor):

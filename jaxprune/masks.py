@@ -14,7 +14,7 @@ go first). NaN scores rank lowest and are pruned first.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +66,19 @@ def _lamp(x: jax.Array) -> jax.Array:
 def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Sparsity,
                   scope: str, distribution: Any = "uniform", normalize: Optional[str] = None,
                   min_density: float = 0.0,
-                  demoted: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
+                  kept: Optional[Sequence[Optional[jax.Array]]] = None,
+                  elementwise: Optional[Callable] = None) -> list[jax.Array]:
     """Keep-masks (True = keep) for a list of score arrays; the shared engine
-    of unstructured, block and channel masks. ``demoted`` entries rank lowest
-    (see ``threshold.lowest``)."""
-    demoted = list(demoted) if demoted is not None else [None] * len(xs)
+    of unstructured, block and channel masks. Entries where ``kept`` is False
+    rank lowest, and ``elementwise`` maps the arrays to scores inside the
+    threshold passes (see ``threshold.lowest``)."""
+    kept = list(kept) if kept is not None else [None] * len(xs)
     if scope == "local":
         per_leaf = allocation.allocate(sparsity, distribution, paths,
                                        [tuple(x.shape) for x in xs])
-        return [~threshold.lowest([x], threshold.prune_count(s, x.size), demoted=[d])[0]
-                for x, s, d in zip(xs, per_leaf, demoted)]
+        return [~threshold.lowest([x], threshold.prune_count(s, x.size), kept=[d],
+                                  elementwise=elementwise)[0]
+                for x, s, d in zip(xs, per_leaf, kept)]
     if scope != "global":
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
     if isinstance(sparsity, Mapping) or distribution != "uniform":
@@ -83,6 +86,8 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
                          "sparsity mappings and distribution='erk' need scope='local'")
     allocation.check_sparsity(sparsity)
     allocation.check_sparsity(min_density, "min_density")
+    if normalize is not None and elementwise is not None:
+        xs, elementwise = [elementwise(x) for x in xs], None  # normalising needs the scores
     xs = [_normalized(x, normalize, p) for p, x in zip(paths, xs)]
     total = sum(x.size for x in xs)
     n_prune = threshold.prune_count(sparsity, total)
@@ -91,15 +96,16 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
         # Each leaf's top ceil(min_density * n) entries rank above every other
         # score, so one global threshold cannot empty a layer (layer collapse).
         keep_n = [min(math.ceil(min_density * x.size), x.size) for x in xs]
-        protected = [~threshold.lowest([x], x.size - k, demoted=[d])[0]
-                     for x, k, d in zip(xs, keep_n, demoted)]
+        protected = [~threshold.lowest([x], x.size - k, kept=[d], elementwise=elementwise)[0]
+                     for x, k, d in zip(xs, keep_n, kept)]
         free = total - sum(keep_n)
         if isinstance(n_prune, int) and n_prune > free:
             raise ValueError(
                 f"sparsity={sparsity} prunes {n_prune} of {total} entries but "
                 f"min_density={min_density} keeps {sum(keep_n)}; lower one of them")
         n_prune = min(n_prune, free) if isinstance(n_prune, int) else jnp.minimum(n_prune, free)
-    return [~p for p in threshold.lowest(xs, n_prune, protected, demoted)]
+    return [~p for p in threshold.lowest(xs, n_prune, protected, kept=kept,
+                                         elementwise=elementwise)]
 
 
 def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
@@ -136,16 +142,20 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
 
 def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
                   distribution: Any, normalize: Optional[str], min_density: float,
-                  demoted: Optional[PyTree] = None) -> PyTree:
-    """``unstructured`` with ``demoted`` (a mask-like tree: True ranks lowest)."""
+                  kept: Optional[PyTree] = None,
+                  elementwise: Optional[Callable] = None) -> PyTree:
+    """``unstructured`` where entries with ``kept`` False (a mask-like tree)
+    rank lowest and ``elementwise`` maps the leaves of ``scores`` to scores
+    inside the threshold passes (``jnp.abs`` on params: magnitude pruning
+    without storing ``|w|``)."""
     picked, chosen, treedef = _selected(scores, where)
     paths = [p for p, _ in picked]
-    demoted_leaves = None
-    if demoted is not None:
-        flat = jax.tree.leaves(demoted, is_leaf=lambda x: x is None)
-        demoted_leaves = [d for d, c in zip(flat, chosen) if c]
+    kept_leaves = None
+    if kept is not None:
+        flat = jax.tree.leaves(kept, is_leaf=lambda x: x is None)
+        kept_leaves = [d for d, c in zip(flat, chosen) if c]
     keep = _prune_leaves(paths, [x for _, x in picked], sparsity, scope,
-                         distribution, normalize, min_density, demoted_leaves)
+                         distribution, normalize, min_density, kept_leaves, elementwise)
     return _rebuild(treedef, chosen, keep)
 
 

@@ -67,6 +67,9 @@ class MaskRule(NamedTuple):
         steps; ``masks`` are the current masks.
       init_masks: ``(params, selected, key) -> masks`` or None for dense.
       grows: masks may regrow pruned entries (drives optimizer-state resets).
+      scores_from_params: ``update`` receives the params in place of the
+        scores and applies ``criterion.elementwise`` itself (inside its
+        threshold passes, so the scores are never stored).
     """
 
     criterion: Criterion
@@ -74,6 +77,7 @@ class MaskRule(NamedTuple):
     update: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree]
     init_masks: Optional[Callable[[PyTree, PyTree, jax.Array], PyTree]] = None
     grows: bool = False
+    scores_from_params: bool = False
 
 
 def _mask_fn(granularity: str, scope: str, where_tree, distribution, normalize,
@@ -107,16 +111,19 @@ def schedule_rule(score: Any = score_fns.magnitude,
     ``prune``."""
     sched = as_schedule(sparsity, every)
     crit = criterion(score)
+    fused = crit.elementwise  # e.g. |w|: computed inside the threshold passes
 
     def update(masks, scores, count, key):
+        # With ``fused`` set, ``scores`` are the params (scores_from_params).
         where_tree = jax.tree.map(lambda mk: mk is not None, masks,
                                   is_leaf=lambda x: x is None)
         if not regrow and granularity == "unstructured":
             # Pruned entries rank lowest, so masks nest as sparsity grows.
-            demoted = jax.tree.map(lambda mk: None if mk is None else ~mk, masks,
-                                   is_leaf=lambda x: x is None)
             return mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
-                                          normalize, min_density, demoted)
+                                          normalize, min_density, kept=masks,
+                                          elementwise=fused)
+        if fused is not None:
+            scores = jax.tree.map(fused, scores)
         if not regrow:
             scores = jax.tree.map(
                 lambda s, mk: s if mk is None else jnp.where(mk, s, jnp.nan),
@@ -128,7 +135,8 @@ def schedule_rule(score: Any = score_fns.magnitude,
     # Validate options eagerly (on a dummy) so that mistakes surface at construction.
     _mask_fn(granularity, scope, None, distribution, normalize, min_density, n, m, axis,
              block_shape, reduce)
-    return MaskRule(crit, sched.is_update_step, update, grows=regrow)
+    return MaskRule(crit, sched.is_update_step, update, grows=regrow,
+                    scores_from_params=fused is not None)
 
 
 def _dense_masks(params: PyTree, where: Where) -> PyTree:
@@ -178,7 +186,7 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
 
     def do_update():
         key = jax.random.fold_in(state.key, state.count)
-        scores = crit.score(stats, params, grads, key)
+        scores = params if rule.scores_from_params else crit.score(stats, params, grads, key)
         new = rule.update(state.masks, scores, state.count, key)
         new_stats = crit.init(params) if crit.reset_after_update else stats
         return new, new_stats

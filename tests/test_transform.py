@@ -113,6 +113,22 @@ def test_sparsity_never_decreases_and_masks_nest_along_the_schedule():
     assert sum(int((~m).sum()) for m in jax.tree.leaves(masks)) == round(0.8 * n)
 
 
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_fused_magnitude_scores_give_the_masks_of_materialised_scores(scope):
+    # scores.magnitude is applied inside the threshold passes (|w| is never
+    # stored); an equivalent plain callable goes through the stored scores.
+    params = mlp_params(jax.random.key(4))
+    fused = optax.chain(optax.adam(1e-2), jaxprune.prune(sparsity=SCHEDULE, scope=scope))
+    plain = optax.chain(optax.adam(1e-2), jaxprune.prune(
+        score=lambda p: jax.tree.map(jnp.abs, p), sparsity=SCHEDULE, scope=scope))
+    _, fused_state, _ = run(fused, params, 120)
+    _, plain_state, _ = run(plain, params, 120)
+    masks = jaxprune.masks_of(fused_state)
+    assert 0.2 < float(jaxprune.sparsity(masks)) < 0.8  # mid-schedule: real updates happened
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(jaxprune.masks_of(plain_state))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_masks_only_change_on_update_steps():
     params = mlp_params(jax.random.key(2))
     sched = schedules.polynomial(0.5, begin=10, end=40, every=10)
