@@ -93,10 +93,14 @@ def main(argv=None):
                 carries[key] = jax.block_until_ready(steps[key](*carries[key], x))
                 times[key].append(time.perf_counter() - start)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        # Ratios are medians of per-round ratios: the variants of one round
+        # ran back to back, so slow drifts of the machine cancel out.
+        ratio = {k: statistics.median(a / b for a, b in zip(times[k], times[base]))
+                 for k, base in (("prune", "adam"), ("update", "prune"), ("gradual", "prune"))}
         print(f"{name:>6} {n / 1e6:>7.2f}M {med['adam']:>9.2f} {med['prune']:>10.2f} "
               f"{med['update']:>10.2f} {med['gradual']:>11.2f} "
-              f"{100 * (med['prune'] / med['adam'] - 1):>8.1f}% "
-              f"{med['update'] / med['prune']:>11.2f}x {med['gradual'] / med['prune']:>12.2f}x")
+              f"{100 * (ratio['prune'] - 1):>8.1f}% "
+              f"{ratio['update']:>11.2f}x {ratio['gradual']:>12.2f}x")
         del carries
 
 

@@ -144,7 +144,6 @@ def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
     return fallback
 
 
-_LANES = 2  # interleaved copies of each histogram: see _leaf_histogram
 _SPARE = 1024  # bins that take the entries not counted: see _leaf_histogram
 
 
@@ -153,30 +152,24 @@ def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = Tr
     key's bin (``>= bins``: not counted) and weight; large leaves are counted
     chunk by chunk.
 
-    Two things keep XLA:CPU's serial scatter loop fast. Neighbouring entries
-    count into different copies of the histogram (``_LANES`` of them, summed
-    at the end): when most keys are equal (a pruned majority, exact zeros)
-    one shared counter would make every increment wait for the previous one.
-    With ``spread``, entries not counted land in ``_SPARE`` throw-away bins,
-    again spread by position, rather than being dropped: a drop is a branch,
-    and a random mix of counted and uncounted entries (say 30% of a layer
-    already pruned) would mispredict it constantly. When nearly all entries
-    go uncounted (later radix passes) dropping them is cheaper.
+    XLA:CPU scatters serially, one entry after the other. With ``spread`` (on
+    a single device), entries not counted land in ``_SPARE`` throw-away bins
+    chosen by column rather than being dropped: a drop is a branch, and a
+    random mix of counted and uncounted entries (say 30% of a layer already
+    pruned) would mispredict it constantly. When nearly all entries go
+    uncounted (later radix passes) dropping them is cheaper. On several
+    devices the histogram is all-reduced, so it stays 2**16 bins.
     """
-    # On several devices the histogram is all-reduced: keep it one plain copy
-    # (uncounted entries are dropped) so that no more than 2**16 bins move.
-    lanes = _LANES if not _strided() else 1
-    spares = _SPARE if lanes > 1 and spread else 0
-    spare = bins * lanes
+    spares = _SPARE if spread and not _strided() else 0
+    spare = bins
 
     def count(keys, hist):
         index, weight = index_of(keys)
-        if keys.ndim and lanes > 1:
-            col = _iota(keys, keys.ndim - 1)
-            uncounted = spare + col % spares if spares else jnp.uint32(spare)  # else dropped
-            index = jnp.where(index < bins, index + (col % lanes) * jnp.uint32(bins), uncounted)
+        if keys.ndim and spares:
+            uncounted = spare + _iota(keys, keys.ndim - 1) % spares
         else:
-            index = jnp.where(index < bins, index, spare + spares)  # past the end: dropped
+            uncounted = jnp.uint32(spare + spares)  # past the end: dropped
+        index = jnp.where(index < bins, index, uncounted)
         return _scatter_count(index.astype(jnp.int32), weight, hist)
 
     zeros = jnp.zeros(spare + spares, jnp.uint32)
@@ -186,7 +179,7 @@ def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = Tr
         hist = count(make_keys(leaf), zeros)
     else:
         hist = lax.fori_loop(0, k, lambda j, h: count(make_keys(leaf, axis, k, j), h), zeros)
-    return hist[:spare].reshape(lanes, bins).sum(0, dtype=jnp.uint32)
+    return hist[:bins]
 
 
 def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
