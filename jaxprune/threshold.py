@@ -3,8 +3,10 @@
 Floats are mapped to unsigned integers whose order matches the float order
 (the "order-preserving key"); the k-th smallest key is then found by a radix
 select: one 16-bit histogram pass per 16 key bits, each pass reducing per leaf
-and summing the histograms across leaves. Cost is O(N) per pass, memory is one
-65,536-bin histogram (keys are recomputed inside each pass, never stored), and
+(large leaves chunk by chunk) and summing the histograms across leaves. Cost
+is O(N) per pass, memory is one 65,536-bin histogram (keys are recomputed
+inside each pass, never stored; scores may even be computed there, see
+``lowest(elementwise=...)``), and
 per-leaf reductions partition across devices when a leaf is sharded: only
 histograms cross devices. Ties at the threshold are broken by leaf order, then
 flat index: only when a tie must be split, one more pass counts ties per row
@@ -121,10 +123,11 @@ def _shard_counts(x: jax.Array) -> Optional[tuple]:
 def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
     """(axis, k): count a leaf in ``k`` chunks along ``axis``.
 
-    Chunk ``j`` holds the slices ``j, j + k, j + 2k, ...`` of ``axis``, so on a
-    sharded axis each chunk has rows on every device: devices slice their own
-    data and only the small histogram is reduced. The outermost axis that can
-    be split finely enough is used, so each slice is a long contiguous run.
+    With several devices chunk ``j`` holds the slices ``j, j + k, j + 2k, ...``
+    of ``axis`` (see ``_chunk_of``), so on a sharded axis each chunk has rows
+    on every device: devices slice their own data and only the small
+    histogram is reduced. The outermost axis that can be split finely enough
+    is used, so each slice is a long contiguous run.
     With ``shards`` (devices per axis of an explicitly sharded leaf) an axis
     is split only if every chunk still divides evenly over its devices:
     sharding-in-types cannot reshape ``n@x`` into ``(n // k, k)`` otherwise.
@@ -161,18 +164,17 @@ def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = Tr
     devices the histogram is all-reduced, so it stays 2**16 bins.
     """
     spares = _SPARE if spread and not _strided() else 0
-    spare = bins
 
     def count(keys, hist):
         index, weight = index_of(keys)
         if keys.ndim and spares:
-            uncounted = spare + _iota(keys, keys.ndim - 1) % spares
+            uncounted = bins + _iota(keys, keys.ndim - 1) % spares
         else:
-            uncounted = jnp.uint32(spare + spares)  # past the end: dropped
+            uncounted = jnp.uint32(bins + spares)  # past the end: dropped
         index = jnp.where(index < bins, index, uncounted)
         return _scatter_count(index.astype(jnp.int32), weight, hist)
 
-    zeros = jnp.zeros(spare + spares, jnp.uint32)
+    zeros = jnp.zeros(bins + spares, jnp.uint32)
     shape = make_keys.shapes[leaf]
     axis, k = _chunking(shape, _shard_counts(make_keys.arrays[leaf]))
     if k == 1:
@@ -341,14 +343,15 @@ class _Keys:
         self.shapes = [a.shape for a in arrays]
         self.dtype = jax.eval_shape(lambda a: transform(0, a), arrays[0]).dtype
 
-    def __call__(self, i, axis=None, k=1, j=None, strided=None):
+    def __call__(self, i, axis=None, k=1, j=None):
         a = self.arrays[i]
         if k == 1:
             return self.transform(i, a)
         # Strided chunk j = rows j, j + k, j + 2k, ...: the split-off axis of
         # length k is unsharded, so every device slices its own rows (a
-        # contiguous chunk would live on one shard and force an all-gather).
-        chunk = (axis, k, j, _strided() if strided is None else strided)
+        # contiguous block would live on one shard and force an all-gather).
+        # With one device the contiguous block is used: it counts faster.
+        chunk = (axis, k, j, _strided())
         return self.transform(i, _chunk_of(a, chunk), chunk=chunk)
 
 
