@@ -76,8 +76,8 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
     if scope == "local":
         per_leaf = allocation.allocate(sparsity, distribution, paths,
                                        [tuple(x.shape) for x in xs])
-        return [~threshold.lowest([x], threshold.prune_count(s, x.size), kept=[d],
-                                  elementwise=elementwise)[0]
+        return [threshold._select([x], threshold.prune_count(s, x.size), None, None, [d],
+                                  elementwise, keep=True)[0]
                 for x, s, d in zip(xs, per_leaf, kept)]
     if scope != "global":
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
@@ -104,8 +104,8 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
                 f"sparsity={sparsity} prunes {n_prune} of {total} entries but "
                 f"min_density={min_density} keeps {sum(keep_n)}; lower one of them")
         n_prune = min(n_prune, free) if isinstance(n_prune, int) else jnp.minimum(n_prune, free)
-    return [~p for p in threshold.lowest(xs, n_prune, protected, kept=kept,
-                                         elementwise=elementwise)]
+    # Keep-masks straight from the selection: no negated copy is written.
+    return threshold._select(xs, n_prune, protected, None, kept, elementwise, keep=True)
 
 
 def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",

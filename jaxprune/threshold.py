@@ -280,15 +280,21 @@ def lowest(scores: Sequence[jax.Array], n_prune,
     >>> lowest([jnp.array([-3.0, 1.0, -2.0])], 1, elementwise=jnp.abs)[0].tolist()
     [False, True, False]
     """
+    return _select(scores, n_prune, protected, demoted, kept, elementwise, keep=False)
+
+
+def _select(scores, n_prune, protected, demoted, kept, elementwise, keep: bool):
+    """``lowest``, or with ``keep`` its complement (keep-masks), built inside
+    the same fusions so that no second mask array is written."""
     scores = [jnp.asarray(s) for s in scores]
     total = sum(s.size for s in scores)
     if total >= 2**32:
         raise ValueError(f"cannot select among {total} entries (limit 2**32 - 1)")
     if isinstance(n_prune, (int, np.integer)):
         if n_prune <= 0:  # *_like: the result keeps each score's sharding
-            return [jnp.zeros_like(s, dtype=bool) for s in scores]
+            return [jnp.full_like(s, keep, dtype=bool) for s in scores]
         if n_prune >= total and protected is None:
-            return [jnp.ones_like(s, dtype=bool) for s in scores]
+            return [jnp.full_like(s, not keep, dtype=bool) for s in scores]
 
     def aligned(masks, name):
         masks = list(masks) if masks is not None else [None] * len(scores)
@@ -306,7 +312,7 @@ def lowest(scores: Sequence[jax.Array], n_prune,
         jax.eval_shape(elementwise, s) for s in scores]
     wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in ranked)
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
-    return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise)
+    return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise, keep)
 
 
 # How large leaves are cut into chunks: None picks "contiguous" on a single
@@ -423,8 +429,8 @@ def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
     return cuts
 
 
-@functools.partial(jax.jit, static_argnames=("wide", "elementwise"))
-def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None):
+@functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep"))
+def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, keep=False):
     # jitted so that eager callers compile once per set of shapes, not per op.
     top = np.iinfo(np.uint64 if wide else np.uint32).max
 
@@ -444,7 +450,7 @@ def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None):
     ties_needed = n_prune - below  # >= 1 when n_prune >= 1
 
     def all_ties():  # the common case: no extra pass
-        return [(keys_of(i, s) <= t) & (n_prune > 0) for i, s in enumerate(scores)]
+        return [((keys_of(i, s) <= t) & (n_prune > 0)) ^ keep for i, s in enumerate(scores)]
 
     def some_ties():
         out = []
@@ -453,11 +459,11 @@ def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None):
 
             def partial(i=i, cut=cut):  # the one leaf where the cut falls
                 k = make_keys(i)
-                return (k < t) | ((k == t) & (_flat_index(k) < cut))
+                return ((k < t) | ((k == t) & (_flat_index(k) < cut))) ^ keep
 
             def whole(i=i, cut=cut):  # none or all of this leaf's ties
                 k = make_keys(i)
-                return (k < t) | ((k == t) & (cut > 0))
+                return ((k < t) | ((k == t) & (cut > 0))) ^ keep
 
             out.append(lax.cond((cut > 0) & (cut < size), partial, whole))
         return out
