@@ -79,27 +79,31 @@ def _x64():
     return enable_x64()
 
 
+def _explicit_sharding(x: jax.Array):
+    """The sharding of ``x`` if it lives on an explicit mesh (sharding in
+    types), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not any(
+            t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return None
+    return sharding
+
+
 def _scatter_count(digit: jax.Array, weight, hist: jax.Array) -> jax.Array:
     """``hist`` plus the histogram of ``digit`` (any shape, never reshaped so
     that a sharded leaf is counted shard by shard and only histograms are
     all-reduced); indices past the end are dropped."""
-    mesh = getattr(getattr(jax.typeof(digit), "sharding", None), "mesh", None)
-    explicit = mesh is not None and not mesh.empty and any(
-        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-    if explicit:  # sharding-in-types needs the (replicated) result sharding spelled out
-        with jax.sharding.use_abstract_mesh(mesh):
+    sharding = _explicit_sharding(digit)
+    if sharding is not None:  # sharding-in-types needs the (replicated) result sharding spelled out
+        with jax.sharding.use_abstract_mesh(sharding.mesh):
             return hist.at[digit].add(weight, out_sharding=jax.sharding.PartitionSpec())
     return hist.at[digit].add(weight)
 
 
 def _iota(like: jax.Array, dim: int, dtype=jnp.uint32) -> jax.Array:
     """``broadcasted_iota`` shaped and (explicitly) sharded like ``like``."""
-    sharding = getattr(jax.typeof(like), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and not mesh.empty and any(
-            t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return lax.broadcasted_iota(dtype, like.shape, dim, out_sharding=sharding)
-    return lax.broadcasted_iota(dtype, like.shape, dim)
+    return lax.broadcasted_iota(dtype, like.shape, dim, out_sharding=_explicit_sharding(like))
 
 
 _CHUNK = 1 << 19  # entries counted per scatter: keeps its index buffers in cache
@@ -107,11 +111,10 @@ _CHUNK = 1 << 19  # entries counted per scatter: keeps its index buffers in cach
 
 def _shard_counts(x: jax.Array) -> Optional[tuple]:
     """Devices along each axis of an explicitly sharded array, else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not any(
-            t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    sharding = _explicit_sharding(x)
+    if sharding is None:
         return None
+    mesh = sharding.mesh
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     counts = []
     for entry in spec:
@@ -392,11 +395,31 @@ def _first_reaching(counts: jax.Array, target) -> tuple[jax.Array, jax.Array]:
     return lo, prefix(lo)
 
 
+def _ties_per_row(rows: jax.Array, t) -> jax.Array:
+    """uint32 count of entries equal to ``t`` in each row of a matrix.
+
+    XLA:CPU vectorises narrow sums but not a 32-bit sum over long rows (5x
+    slower): on one device each run of 32 (or 16, 8) columns is summed in 8
+    bits first, which also keeps the temporaries at 1/32 byte per entry.
+    With several devices a column split could cut across shards, so rows are
+    summed in 16 bits (2 bytes per entry of temporaries).
+    """
+    cols = rows.shape[1]
+    group = next((g for g in (32, 16, 8) if cols % g == 0), None)
+    equal = rows == t
+    if group is not None and not _strided():
+        part = jnp.sum(equal.reshape(rows.shape[0], cols // group, group), axis=-1,
+                       dtype=jnp.uint8)
+        return jnp.sum(part, axis=1, dtype=jnp.uint32)
+    narrow = cols < 1 << 16
+    return jnp.sum(equal, axis=1, dtype=jnp.uint16 if narrow else jnp.uint32).astype(jnp.uint32)
+
+
 def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
     """Per leaf, the flat index below which ties (keys equal to ``t``) are
     pruned, so that exactly ``needed`` ties are pruned in (leaf, flat index)
-    order: ties are counted per row (one pass of 16-bit sums, which XLA:CPU
-    vectorises); in the one leaf where the cut falls, the row holding it is
+    order: ties are counted per row (``_ties_per_row``); in the one leaf
+    where the cut falls, the row holding it is
     read back (one pass of ``any``) and its column found by bisection.
     Keys are rebuilt by ``make_keys(i)`` wherever used, never stored."""
     cuts = []
@@ -406,10 +429,7 @@ def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
         if size == 0:
             cuts.append(jnp.uint32(0))
             continue
-        rows = _rows(make_keys(i))
-        narrow = rows.shape[1] < 1 << 16
-        per_row = jnp.sum(rows == t, axis=1, dtype=jnp.uint16 if narrow else jnp.uint32)
-        per_row = per_row.astype(jnp.uint32)
+        per_row = _ties_per_row(_rows(make_keys(i)), t)
         ties = jnp.sum(per_row, dtype=jnp.uint32)
         here = jnp.minimum(needed - jnp.minimum(before, needed), ties)
         before = before + ties

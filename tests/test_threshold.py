@@ -97,7 +97,7 @@ LAYOUTS = [dict(_LAYOUT="contiguous"), dict(_LAYOUT="strided"),
 
 
 @settings(deadline=None, max_examples=25)
-@given(st.lists(st.sampled_from([(6, 5), (7, 3), (2, 9, 4), (11,), ()]).flatmap(
+@given(st.lists(st.sampled_from([(6, 5), (7, 3), (2, 9, 4), (3, 16), (2, 24), (11,), ()]).flatmap(
     lambda shape: st.tuples(
         hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, -1.0, 1.0, 2.0, np.nan])),
         hnp.arrays(np.bool_, shape))), min_size=1, max_size=4),
