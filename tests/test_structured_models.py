@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import linen_mlp
 from jaxprune import structured as st
 from jaxprune.structured import flax as fx
 
@@ -75,12 +76,8 @@ def check_nnx(model, *inputs, sparsity=0.5, **kw):
 
 
 # ---------------------------------------------------------------- MLP
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(16)(x))
-        x = nn.relu(nn.Dense(24)(x))
-        return nn.Dense(3)(x)
+def MLP():
+    return linen_mlp((16, 24, 3))
 
 
 class NnxMLP(nnx.Module):

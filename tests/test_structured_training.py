@@ -1,21 +1,17 @@
 """Gradual group pruning inside an optax chain, then shrinking for real."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxprune
+from helpers import linen_mlp, train_linen
 from jaxprune import structured as S
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(32)(x))
-        x = nn.relu(nn.Dense(24)(x))
-        return nn.Dense(4)(x)
+def MLP():
+    return linen_mlp((32, 24, 4))
 
 
 def test_prune_groups_trains_towards_channels_then_shrinks_to_the_same_outputs():
@@ -27,17 +23,7 @@ def test_prune_groups_trains_towards_channels_then_shrinks_to_the_same_outputs()
     assert sorted(g.size for g in gs) == [24, 32]
     schedule = jaxprune.schedules.polynomial(0.5, begin=0, end=20, every=5)
     tx = optax.chain(optax.adam(1e-2), S.prune_groups(gs, schedule))
-    params = variables["params"]
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2))(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(30):
-        params, state = step(params, state)
+    params, state = train_linen(model.apply, variables["params"], tx, x, y, 30)
     masks = jaxprune.masks_of(state)
     kept = S.channels_kept(gs, masks)
     assert sorted(len(k) for k in kept) == [12, 16]  # exactly half of every group

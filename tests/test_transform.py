@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import jaxprune
+from helpers import train_linen
 from jaxprune import schedules
 
 
@@ -288,17 +289,7 @@ def test_flax_linen_train_state_style_loop():
     variables = net.init(jax.random.key(0), DATA_X)
     tx = optax.chain(optax.adamw(1e-2, weight_decay=1e-4),
                      jaxprune.prune(sparsity=0.9, scope="global"))
-    params = variables["params"]
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        grads = jax.grad(lambda p: jnp.mean((net.apply({"params": p}, DATA_X) - DATA_Y) ** 2))(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(5):
-        params, state = step(params, state)
+    params, _ = train_linen(net.apply, variables["params"], tx, DATA_X, DATA_Y, 5)
     assert float(jaxprune.sparsity(params)) == pytest.approx(0.9, abs=1 / 192)
 
 
