@@ -96,7 +96,8 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
         # Each leaf's top ceil(min_density * n) entries rank above every other
         # score, so one global threshold cannot empty a layer (layer collapse).
         keep_n = [min(math.ceil(min_density * x.size), x.size) for x in xs]
-        protected = [~threshold.lowest([x], x.size - k, kept=[d], elementwise=elementwise)[0]
+        protected = [threshold._select([x], x.size - k, None, None, [d], elementwise,
+                                       keep=True)[0]
                      for x, k, d in zip(xs, keep_n, kept)]
         free = total - sum(keep_n)
         if isinstance(n_prune, int) and n_prune > free:

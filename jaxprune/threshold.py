@@ -90,15 +90,16 @@ def _explicit_sharding(x: jax.Array):
     return sharding
 
 
-def _scatter_count(digit: jax.Array, weight, hist: jax.Array) -> jax.Array:
+def _scatter_count(digit: jax.Array, hist: jax.Array) -> jax.Array:
     """``hist`` plus the histogram of ``digit`` (any shape, never reshaped so
     that a sharded leaf is counted shard by shard and only histograms are
     all-reduced); indices past the end are dropped."""
+    one = jnp.ones((), hist.dtype)
     sharding = _explicit_sharding(digit)
     if sharding is not None:  # sharding-in-types needs the (replicated) result sharding spelled out
         with jax.sharding.use_abstract_mesh(sharding.mesh):
-            return hist.at[digit].add(weight, out_sharding=jax.sharding.PartitionSpec())
-    return hist.at[digit].add(weight)
+            return hist.at[digit].add(one, out_sharding=jax.sharding.PartitionSpec())
+    return hist.at[digit].add(one)
 
 
 def _iota(like: jax.Array, dim: int, dtype=jnp.uint32) -> jax.Array:
@@ -155,8 +156,8 @@ _SPARE = 1024  # bins that take the entries not counted: see _leaf_histogram
 
 def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = True) -> jax.Array:
     """Histogram over ``bins`` of one leaf: ``index_of(keys)`` gives each
-    key's bin (``>= bins``: not counted) and weight; large leaves are counted
-    chunk by chunk.
+    key's bin (``>= bins``: not counted); large leaves are counted chunk by
+    chunk.
 
     XLA:CPU scatters serially, one entry after the other. With ``spread`` (on
     a single device), entries not counted land in ``_SPARE`` throw-away bins
@@ -169,13 +170,13 @@ def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = Tr
     spares = _SPARE if spread and not _strided() else 0
 
     def count(keys, hist):
-        index, weight = index_of(keys)
+        index = index_of(keys)
         if keys.ndim and spares:
             uncounted = bins + _iota(keys, keys.ndim - 1) % spares
         else:
             uncounted = jnp.uint32(bins + spares)  # past the end: dropped
         index = jnp.where(index < bins, index, uncounted)
-        return _scatter_count(index.astype(jnp.int32), weight, hist)
+        return _scatter_count(index.astype(jnp.int32), hist)
 
     zeros = jnp.zeros(bins + spares, jnp.uint32)
     shape = make_keys.shapes[leaf]
@@ -197,7 +198,7 @@ def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> j
         count = keys != 0
         if prefix_shift < keys.dtype.itemsize * 8:
             count = count & ((keys >> prefix_shift) == (prefix >> prefix_shift))
-        return jnp.where(count, digit, _BINS), jnp.ones((), jnp.uint32)  # _BINS: not counted
+        return jnp.where(count, digit, _BINS)  # _BINS: not counted
 
     # Pass 1 leaves out only key 0; later passes leave out all but one bucket.
     first = prefix_shift >= make_keys.dtype.itemsize * 8
