@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxprune import tree as jtree
 from jaxprune.structured import importance as imp
+from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured import plan as plan_lib
 from jaxprune.structured.groups import Analysis, Group, analyze
 from jaxprune.structured.shrink import Shrinker
@@ -80,7 +81,7 @@ class ShrunkFunction:
             raise StructuredPruningError(
                 f"the variables do not match the pruned model: first differing path "
                 f"{first!r} (expected paths {a.leaf_paths[:5]}...)")
-        jaxpr = a.closed_jaxpr.jaxpr
+        jaxpr, consts = jp.sub(a.closed_jaxpr)
         for (path, x), v in zip(var_leaves, jaxpr.invars):
             want = s.new_shape(v, ())
             if tuple(np.shape(x)) != want:
@@ -91,7 +92,7 @@ class ShrunkFunction:
         # features exist, and they are dropped here.
         flat = [x for _, x in var_leaves] + [
             s.cut(x, v, ()) for x, v in zip(jax.tree.leaves(args), jaxpr.invars[n:])]
-        outs = s.eval(jaxpr, a.closed_jaxpr.consts, flat, ())
+        outs = s.eval(jaxpr, consts, flat, ())
         return jax.tree.unflatten(a.out_treedef, outs)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import jax
 from jax import lax
 
+from jaxprune.structured import jaxpr_params as jp
+
 __all__ = ["TRACE_CONTROL", "SHRINK_CONTROL"]
 
 
@@ -29,27 +31,23 @@ def _is_lit(v: Any) -> bool:
 
 
 # ---------------------------------------------------------------- coupling
-def _call(param: str):
+def _call(t, eqn, scope, sub):
     """jit / custom_jvp_call / custom_vjp_call / remat / closed_call: inline."""
-    def rule(t, eqn, scope, sub):
-        closed = eqn.params[param]
-        jaxpr = getattr(closed, "jaxpr", closed)
-        for v in getattr(jaxpr, "constvars", []):
-            t.axes(v, sub)
-        for outer, inner in zip(eqn.invars, jaxpr.invars):
-            if not _is_lit(outer):
-                t.unite_vars(outer, scope, inner, sub)
-        t.walk(jaxpr, sub)
-        for outer, inner in zip(eqn.outvars, jaxpr.outvars):
-            if not _is_lit(inner):
-                t.unite_vars(outer, scope, inner, sub)
-    return rule
+    jaxpr = jp.call(eqn).jaxpr
+    for v in jaxpr.constvars:
+        t.axes(v, sub)
+    for outer, inner in zip(eqn.invars, jaxpr.invars):
+        if not _is_lit(outer):
+            t.unite_vars(outer, scope, inner, sub)
+    t.walk(jaxpr, sub)
+    for outer, inner in zip(eqn.outvars, jaxpr.outvars):
+        if not _is_lit(inner):
+            t.unite_vars(outer, scope, inner, sub)
 
 
 def _scan(t, eqn, scope, sub):
-    p = eqn.params
-    body = p["jaxpr"].jaxpr
-    nc, nk = p["num_consts"], p["num_carry"]
+    lay = jp.scan(eqn)
+    body, nc, nk = lay.body.jaxpr, lay.num_consts, lay.num_carry
     for k, (outer, inner) in enumerate(zip(eqn.invars, body.invars)):
         if _is_lit(outer):
             continue
@@ -80,9 +78,9 @@ def _unite_stacked(t, outer, scope, inner, sub):
 
 def _cond(t, eqn, scope, sub):
     t.freeze_var(eqn.invars[0], scope, "cond index")
-    for b, closed in enumerate(eqn.params["branches"]):
+    for b, branch in enumerate(jp.cond_branches(eqn)):
         bsub = sub + (b,)
-        jaxpr = closed.jaxpr
+        jaxpr = branch.jaxpr
         for outer, inner in zip(eqn.invars[1:], jaxpr.invars):
             if not _is_lit(outer):
                 t.unite_vars(outer, scope, inner, bsub)
@@ -93,9 +91,9 @@ def _cond(t, eqn, scope, sub):
 
 
 def _while(t, eqn, scope, sub):
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    cj, bj = p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr
+    lay = jp.while_loop(eqn)
+    cn, bn = lay.cond_nconsts, lay.body_nconsts
+    cj, bj = lay.cond.jaxpr, lay.body.jaxpr
     cconsts, bconsts, carry = eqn.invars[:cn], eqn.invars[cn:cn + bn], eqn.invars[cn + bn:]
     csub, bsub = sub + ("cond",), sub + ("body",)
     for outer, inner in zip(list(cconsts) + list(carry), cj.invars):
@@ -113,11 +111,10 @@ def _while(t, eqn, scope, sub):
             t.unite_vars(eqn.outvars[k], scope, carry[k], scope)
 
 
-
 # ---------------------------------------------------------------- shrinking
-def _shrink_call(param: str, wrap: Callable | None = None):
+def _shrink_call(wrap: Callable | None = None):
     def rule(s, eqn, invals, scope, sub):
-        fn = s.sub_eval(eqn.params[param], sub)
+        fn = s.sub_eval(jp.call(eqn), sub)
         if wrap is not None:
             fn = wrap(eqn, fn)
         return list(fn(*invals))
@@ -130,45 +127,39 @@ def _remat_wrap(eqn, fn):
 
 
 def _shrink_scan(s, eqn, invals, scope, sub):
-    p = eqn.params
-    nc, nk = p["num_consts"], p["num_carry"]
+    lay = jp.scan(eqn)
+    nc, nk = lay.num_consts, lay.num_carry
     consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
-    body = s.sub_eval(p["jaxpr"], sub)
+    body = s.sub_eval(lay.body, sub)
 
     def step(carry, x):
         outs = body(*consts, *carry, *x)
         return list(outs[:nk]), list(outs[nk:])
 
-    carry, ys = lax.scan(step, list(init), list(xs), length=p["length"],
-                         reverse=p["reverse"], unroll=p.get("unroll", 1))
+    carry, ys = lax.scan(step, list(init), list(xs), length=lay.length,
+                         reverse=lay.reverse, unroll=lay.unroll)
     return list(carry) + list(ys)
 
 
 def _shrink_cond(s, eqn, invals, scope, sub):
-    branches = [s.sub_eval(b, sub + (k,)) for k, b in enumerate(eqn.params["branches"])]
+    branches = [s.sub_eval(b, sub + (k,)) for k, b in enumerate(jp.cond_branches(eqn))]
     return list(lax.switch(invals[0], [lambda *a, f=f: list(f(*a)) for f in branches], *invals[1:]))
 
 
 def _shrink_while(s, eqn, invals, scope, sub):
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    lay = jp.while_loop(eqn)
+    cn, bn = lay.cond_nconsts, lay.body_nconsts
     cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
-    cond = s.sub_eval(p["cond_jaxpr"], sub + ("cond",))
-    body = s.sub_eval(p["body_jaxpr"], sub + ("body",))
+    cond = s.sub_eval(lay.cond, sub + ("cond",))
+    body = s.sub_eval(lay.body, sub + ("body",))
     return list(lax.while_loop(lambda c: cond(*cconsts, *c)[0],
                                lambda c: list(body(*bconsts, *c)), list(init)))
 
 
-
-_CALLS = {
-    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
-}
-TRACE_CONTROL: dict[str, Any] = {name: _call(param) for name, param in _CALLS.items()}
+TRACE_CONTROL: dict[str, Any] = {name: _call for name in jp.CALL_PARAMS}
 TRACE_CONTROL.update({"scan": _scan, "cond": _cond, "while": _while})
 
 SHRINK_CONTROL: dict[str, Callable] = {
-    name: _shrink_call(param, _remat_wrap if name in ("remat2", "checkpoint") else None)
-    for name, param in _CALLS.items()}
+    name: _shrink_call(_remat_wrap if name in ("remat2", "checkpoint") else None)
+    for name in jp.CALL_PARAMS}
 SHRINK_CONTROL.update({"scan": _shrink_scan, "cond": _shrink_cond, "while": _shrink_while})

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxprune import tree as jtree
+from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured.rules import TRACE_RULES
 from jaxprune.structured.trace import StructuredPruningError, Tracer, unsupported_error
 
@@ -67,7 +68,7 @@ class Analysis:
     frozen: dict[int, str]
 
     def leaf_axis_nodes(self, k: int) -> list[int]:
-        return self.tracer.axes(self.closed_jaxpr.jaxpr.invars[k], ())
+        return self.tracer.axes(jp.sub(self.closed_jaxpr).jaxpr.invars[k], ())
 
 
 def _trace(apply_fn: Callable, variables: PyTree, args: tuple) -> tuple:
@@ -107,7 +108,7 @@ def analyze(apply_fn: Callable, variables: PyTree, *example_args: Any,
     paths = [p for p, _ in items]
     shapes = [tuple(getattr(x, "shape", np.shape(x))) for _, x in items]
     t = Tracer(TRACE_RULES)
-    jaxpr = closed.jaxpr
+    jaxpr = jp.sub(closed).jaxpr
     for v in jaxpr.constvars:
         t.axes(v, ())
     n_var = len(paths)

@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune.structured import control
-from jaxprune.structured.trace import StructuredPruningError
+from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
 __all__ = ["Shrinker", "SHRINK_RULES"]
 
@@ -76,7 +76,12 @@ class Shrinker:
         for i, eqn in enumerate(jaxpr.eqns):
             invals = [read(v) for v in eqn.invars]
             rule = SHRINK_RULES.get(eqn.primitive.name, _default)
-            outs = rule(self, eqn, invals, scope, scope + (i,))
+            try:
+                outs = rule(self, eqn, invals, scope, scope + (i,))
+            except KeyError as e:  # a parameter renamed by a newer jax: say so
+                if not e.args or e.args[0] in eqn.params:
+                    raise
+                raise parameter_error(eqn, e.args[0]) from None
             if not eqn.primitive.multiple_results and not isinstance(outs, list):
                 outs = [outs]
             for v, x in zip(eqn.outvars, outs):
@@ -84,10 +89,9 @@ class Shrinker:
                     env[v] = x
         return [read(v) for v in jaxpr.outvars]
 
-    def sub_eval(self, closed: Any, scope: tuple) -> Callable:
-        jaxpr = getattr(closed, "jaxpr", closed)
-        consts = getattr(closed, "consts", [])
-        return lambda *args: self.eval(jaxpr, consts, args, scope)
+    def sub_eval(self, sub: Any, scope: tuple) -> Callable:
+        """``sub``: a ``jaxpr_params.Sub`` (an open jaxpr and its consts)."""
+        return lambda *args: self.eval(sub.jaxpr, sub.consts, args, scope)
 
 
 def _default(s: Shrinker, eqn: Any, invals: list, scope: tuple, sub: tuple) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 __all__ = ["UnionFind", "Tracer", "StructuredPruningError"]
@@ -212,7 +213,12 @@ class Tracer:
                     self.uf.freeze(n, f"unsupported primitive '{name}'")
                 self.unknown.append((name, _eqn_text(eqn), nodes))
                 continue
-            rule(self, eqn, scope, scope + (i,))
+            try:
+                rule(self, eqn, scope, scope + (i,))
+            except KeyError as e:  # a parameter renamed by a newer jax: say so
+                if not e.args or e.args[0] in eqn.params:
+                    raise
+                raise parameter_error(eqn, e.args[0]) from None
 
 
 def unsupported_error(name: str, text: str) -> StructuredPruningError:
@@ -222,6 +228,14 @@ def unsupported_error(name: str, text: str) -> StructuredPruningError:
         "Register a rule in jaxprune.structured.rules.TRACE_RULES (and, if it has shape "
         "parameters, in jaxprune.structured.shrink.SHRINK_RULES), or keep this op out of "
         "the traced function.")
+
+
+def parameter_error(eqn: Any, missing: Any) -> StructuredPruningError:
+    """A primitive's parameters are not laid out as this jaxprune expects."""
+    return StructuredPruningError(
+        f"jax {jax.__version__}: primitive '{eqn.primitive.name}' has no parameter "
+        f"{missing!r} (parameters: {', '.join(sorted(eqn.params))}); this jax version lays "
+        "it out differently from the ones jaxprune was tested with. Please report it.")
 
 
 def _eqn_text(eqn: Any) -> str:
