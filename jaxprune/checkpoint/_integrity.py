@@ -155,7 +155,11 @@ def _is_data_error(e: BaseException) -> bool:
 def reading(what: str, root: Path, required: Sequence[str] = ()) -> Iterator[None]:
     """Runs an orbax read of the checkpoint at ``root``; what fails because
     a file is damaged or missing becomes a ``CorruptCheckpointError`` naming
-    the file (other errors pass unchanged)."""
+    the file (other errors pass unchanged). Each of ``required`` must exist
+    even where orbax could do without it: a checkpoint missing one is damaged."""
+    for name in required:
+        if not (Path(root) / name).exists():
+            raise CorruptCheckpointError(f"{what} is damaged: {Path(root) / name} is missing")
     try:
         yield
     except CorruptCheckpointError:
@@ -195,8 +199,8 @@ def check_complete(directory: Path, what: str, names: Sequence[str]) -> None:
     for name in names:
         if not (directory / name).exists():
             raise CorruptCheckpointError(
-                f"checkpoint {directory} is damaged or not written by {what}: "
-                f"{directory / name} is missing")
+                f"checkpoint {directory} is damaged: {directory / name} is missing (or the "
+                f"directory was not written by {what})")
 
 
 @contextlib.contextmanager
