@@ -49,9 +49,15 @@ def _numpy_checksum(x):
 
 def test_checksum_matches_a_numpy_reference_on_every_sharding():
     x = jax.random.normal(jax.random.key(0), (8, 16))
-    arrays = [x, x.astype(jnp.bfloat16), jnp.arange(-20, 20, dtype=jnp.int8), x > 0,
-              jax.random.key_data(jax.random.key(3)), jnp.asarray(5, jnp.int32), jnp.zeros((0, 3))]
+    long = jax.random.normal(jax.random.key(1), (2 * _integrity._CHUNK + 77,))  # chunks + tail
+    arrays = [x, x.astype(jnp.bfloat16), jnp.arange(-20, 20, dtype=jnp.int8), x > 0, long,
+              (long * 100).astype(jnp.int8), jax.random.key_data(jax.random.key(3)),
+              jnp.asarray(5, jnp.int32), jnp.zeros((0, 3))]
     assert _integrity.checksums(arrays) == [_numpy_checksum(a) for a in arrays]
+    # The fused pass (sharded arrays, accelerators) equals the chunked one (one CPU device).
+    both = [long, x > 0, jax.lax.complex(long, -long)]
+    assert ([int(v) for v in _integrity._tree_checksums(both)]
+            == [int(v) for v in _integrity._tree_checksums_chunked(both)])
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     sharded = [jax.device_put(x, NamedSharding(mesh, spec))
                for spec in (P("data", "model"), P(None, "model"), P(("data", "model")))]
