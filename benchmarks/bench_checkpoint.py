@@ -12,7 +12,9 @@ that machine noise hits them alike:
 
 It also times the checksum pass alone (warm; and its one-off compile) next to
 ``zlib.crc32`` over the same bytes on the host, the stdlib alternative, and
-prints median times and the ratios of medians.
+prints median wall and CPU times (process CPU seconds, all threads: steadier
+on a shared machine) and the ratios of medians. Dirty pages are flushed before
+each timed call and the order of the variants alternates between repeats.
 
     python benchmarks/bench_checkpoint.py [--params 100_000_000] [--repeats 3]
 """
@@ -20,6 +22,7 @@ prints median times and the ratios of medians.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -103,9 +106,11 @@ def main(argv=None):
         shutil.rmtree(root / "warmup")
         print(f"first verified restore in this process (compiles once): {first:.3f} s")
         for r in range(args.repeats):
-            for name in ("orbax", "jaxprune"):
-                d = root / f"{name}{r}"
-                with checkpoint.manager(d) as mngr:
+            # Alternate the order and flush dirty pages first, so that neither variant
+            # pays for the writeback of the other's files.
+            for name in ("orbax", "jaxprune") if r % 2 == 0 else ("jaxprune", "orbax"):
+                with checkpoint.manager(root / f"{name}{r}") as mngr:
+                    os.sync()
                     if name == "orbax":
                         times["save orbax"].append(timed(lambda: plain_save(mngr, 0, state),
                                                          cpu["save orbax"]))
@@ -113,13 +118,17 @@ def main(argv=None):
                         times["save jaxprune"].append(timed(
                             lambda: (checkpoint.save(mngr, 0, state), mngr.wait_until_finished()),
                             cpu["save jaxprune"]))
+            os.sync()
             with checkpoint.manager(root / f"jaxprune{r}") as mngr:
-                times["restore orbax"].append(timed(lambda: plain_restore(mngr, 0, abstract),
-                                                    cpu["restore orbax"]))
-                for verify in (False, True):
-                    name = f"restore jaxprune verify={verify}"
+                order = ["orbax", False, True]
+                for variant in order if r % 2 == 0 else order[::-1]:
+                    if variant == "orbax":
+                        times["restore orbax"].append(timed(
+                            lambda: plain_restore(mngr, 0, abstract), cpu["restore orbax"]))
+                        continue
+                    name = f"restore jaxprune verify={variant}"
                     times[name].append(timed(lambda: jax.block_until_ready(
-                        checkpoint.restore(mngr, abstract, verify=verify)), cpu[name]))
+                        checkpoint.restore(mngr, abstract, verify=variant)), cpu[name]))
             for name in ("orbax", "jaxprune"):
                 shutil.rmtree(root / f"{name}{r}")
     finally:

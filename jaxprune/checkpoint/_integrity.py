@@ -30,7 +30,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -121,15 +121,11 @@ def _leaf_checksum_chunked(x: jax.Array) -> jax.Array:
     return acc + chunk_sum(flat[whole * _CHUNK:], jnp.uint32((whole * _CHUNK) % 2**32))
 
 
-# One program per tree signature (shapes, dtypes, shardings): a training run
-# that saves the same state every N steps compiles it once.
-_tree_checksums = jax.jit(lambda leaves: [_leaf_checksum(x) for x in leaves])
-_tree_checksums_chunked = jax.jit(lambda leaves: [_leaf_checksum_chunked(x) for x in leaves])
-
-
-def _devices(x: Any) -> tuple:
-    sharding = getattr(x, "sharding", None)
-    return tuple(sorted(d.id for d in sharding.device_set)) if sharding is not None else ()
+# One program per leaf signature (shape, dtype, sharding): leaves that share
+# one (params and their optimizer moments) share it, and a run that saves the
+# same state every N steps compiles nothing after the first save.
+_leaf_fused = jax.jit(_leaf_checksum)
+_leaf_chunked = jax.jit(_leaf_checksum_chunked)
 
 
 def _one_cpu_device(x: Any) -> bool:
@@ -140,21 +136,11 @@ def _one_cpu_device(x: Any) -> bool:
 
 
 def checksums(leaves: Sequence[Any]) -> list[Optional[int]]:
-    """The checksum of each array in ``leaves`` (``None`` for ``None``).
-
-    Arrays on the same devices are hashed by one jitted program (a jitted
-    call cannot mix device sets); host values go with the default device."""
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(leaves):
-        if x is not None:
-            groups.setdefault((_devices(x), _one_cpu_device(x)), []).append(i)
-    pending = [(idx, (_tree_checksums_chunked if chunked else _tree_checksums)(
-        [leaves[i] for i in idx])) for (_, chunked), idx in groups.items()]
-    out: list[Optional[int]] = [None] * len(leaves)
-    for idx, values in pending:
-        for i, v in zip(idx, jax.device_get(values)):
-            out[i] = int(v)
-    return out
+    """The checksum of each array in ``leaves`` (``None`` for ``None``),
+    computed where each array lives; one transfer of the scalars at the end."""
+    pending = [None if x is None else (_leaf_chunked if _one_cpu_device(x) else _leaf_fused)(x)
+               for x in leaves]
+    return [None if v is None else int(v) for v in jax.device_get(pending)]
 
 
 def verify(what: str, paths: Sequence[str], stored: Sequence[Optional[int]],
@@ -197,12 +183,13 @@ def _is_data_error(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def reading(what: str, root: Path, required: Sequence[str] = ()) -> Iterator[None]:
+def reading(what: str, root: Union[str, Path], required: Sequence[str] = ()) -> Iterator[None]:
     """Runs an orbax read of the checkpoint at ``root``; what fails because
     a file is damaged or missing becomes a ``CorruptCheckpointError`` naming
     the file (other errors pass unchanged). Each of ``required`` must exist
     even where orbax could do without it: a checkpoint missing one is damaged."""
-    for name in required:
+    local = "://" not in str(root)  # on gs:// etc. only orbax's own errors
+    for name in required if local else ():
         if not (Path(root) / name).exists():
             raise CorruptCheckpointError(f"{what} is damaged: {Path(root) / name} is missing")
     try:
@@ -210,7 +197,7 @@ def reading(what: str, root: Path, required: Sequence[str] = ()) -> Iterator[Non
     except CorruptCheckpointError:
         raise
     except Exception as e:  # orbax and TensorStore raise many types for one cause
-        damaged = _first_damaged_file(Path(root), required)
+        damaged = _first_damaged_file(Path(root), required) if local else None
         if damaged is not None:
             raise CorruptCheckpointError(f"{what} is damaged: {damaged}") from e
         if _is_data_error(e):

@@ -152,7 +152,7 @@ def saved_metadata(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> d
       CorruptCheckpointError: the metadata file is missing or damaged.
     """
     step = _latest(mngr, step)
-    with _integrity.reading(_what(mngr, step), Path(str(mngr.directory)) / str(step),
+    with _integrity.reading(_what(mngr, step), f"{mngr.directory}/{step}",
                             required=[f"{_META}/metadata"]):
         meta = mngr.restore(step, args=ocp.args.Composite(
             **{_META: ocp.args.JsonRestore()}))[_META]
@@ -240,7 +240,7 @@ def restore(mngr: ocp.CheckpointManager, target: PyTree, step: Optional[int] = N
     saved = saved_metadata(mngr, step)
     _check_target(saved["leaves"], _describe(target), step)
     abstract = jax.tree.map(_abstract_leaf, target, is_leaf=_is_none)
-    with _integrity.reading(_what(mngr, step), Path(str(mngr.directory)) / str(step),
+    with _integrity.reading(_what(mngr, step), f"{mngr.directory}/{step}",
                             required=[f"{_STATE}/_METADATA"]):
         restored = mngr.restore(step, args=ocp.args.Composite(
             **{_STATE: ocp.args.StandardRestore(_drop_empty(abstract))}))[_STATE]
