@@ -165,9 +165,11 @@ _CALLS = {
     "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
 }
+#: Trace rules of the primitives that hold sub-jaxprs (calls, ``scan``, ``cond``, ``while``).
 TRACE_CONTROL: dict[str, Any] = {name: _call(param) for name, param in _CALLS.items()}
 TRACE_CONTROL.update({"scan": _scan, "cond": _cond, "while": _while})
 
+#: Shrink rules of the same primitives: re-emit the sub-jaxprs at the reduced shapes.
 SHRINK_CONTROL: dict[str, Callable] = {
     name: _shrink_call(param, _remat_wrap if name in ("remat2", "checkpoint") else None)
     for name, param in _CALLS.items()}
