@@ -210,10 +210,16 @@ def _page(modname: str, rows: list[Entry], shadowed: bool) -> str:
     out.append(f".. automodule:: {modname}\n   :no-members:\n"
                + ("   :no-index:\n" if shadowed else ""))
     out.append(f".. currentmodule:: {modname}\n")
-    if rows:
+    # Constants stay out of the table: autosummary would show their type's docstring.
+    listed = [e for e in rows if kind(e.obj) != "data"]
+    if listed:
         out.append(".. autosummary::\n")
-        out += [f"   {_relative(e.canonical, modname)}" for e in rows]
+        out += [f"   {_relative(e.canonical, modname)}" for e in listed]
         out.append("")
+    constants = [e for e in rows if kind(e.obj) == "data"]
+    if constants:
+        out.append("Constants: " + ", ".join(f":py:data:`{e.name} <{e.canonical}>`"
+                                             for e in constants) + ".\n")
     if any(not e.is_canonical and kind(e.obj) != "module" for e in rows):
         out.append("Names re-exported from a shorter public name are documented there; "
                    "their rows above link to it.\n")
