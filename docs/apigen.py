@@ -56,7 +56,7 @@ def _module_all(module: ModuleType) -> list[str]:
 
 
 def _submodule(module: ModuleType, name: str) -> ModuleType | None:
-    obj = getattr(module, name)
+    obj = getattr(module, name, None)  # a missing name is reported by entries()
     return obj if inspect.ismodule(obj) and obj.__name__.startswith(PACKAGE) else None
 
 
@@ -70,7 +70,7 @@ def modules() -> tuple[list[str], list[str]]:
         if module.__name__ in public:
             continue
         public.append(module.__name__)
-        queue += [m for m in map(lambda n: _submodule(module, n), _module_all(module)) if m]
+        queue += [m for m in (_submodule(module, n) for n in _module_all(module)) if m]
     others = []
     for info in pkgutil.walk_packages(root.__path__, PACKAGE + "."):
         if any(part.startswith("_") for part in info.name.split(".")):
