@@ -25,6 +25,7 @@ Plan = dict
 __all__ = ["make_plan", "check_plan", "plan_groups", "kept_positions", "slice_variables",
            "zero_removed", "group_masks", "describe", "FORMAT"]
 
+#: Version tag stored in every plan; ``check_plan`` refuses other formats.
 FORMAT = "jaxprune.structured.plan/1"
 
 

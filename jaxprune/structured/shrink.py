@@ -175,6 +175,7 @@ def _div(s, eqn, invals, scope, sub):
     return _default(s, eqn, invals, scope, sub)
 
 
+#: Primitive name -> rule that re-emits it at the reduced shapes (others are re-bound as traced).
 SHRINK_RULES: dict[str, Callable] = {
     "reshape": _with(new_sizes=_out_shape, dimensions=lambda s, e, sc: None),
     "broadcast_in_dim": _with(shape=_out_shape),
