@@ -3,18 +3,27 @@
 A rule receives the tracer, the equation, the scope of the equation's own
 variables and the scope for its sub-jaxprs. It unites the axes that carry the
 same channel index and freezes axes whose index cannot be followed (strided
-slices, padded axes, sorted axes, ...). A primitive with no rule has all its
-axes frozen, and the analysis raises an error naming it and its equation if
-one of them is coupled to a variable (see ``Tracer.walk``). Rules for primitives that hold
-sub-jaxprs (``jit``, ``custom_jvp_call``, ``scan``, ``cond``, ``while``, ...)
-live in ``control.py``.
+slices, padded axes, sorted axes, argmax positions, ...). Axes indexed by
+position are not channels: the positions a slice drops and the rows a gather
+reads at data-dependent positions are frozen; a gather at *constant* positions
+(``h[:, perm]``, ``x[:, [0, 2]]``) and ``rev`` record which channel lands where
+(a ``take`` structure), so pruning maps through the permutation. Every
+primitive that ``jax.nn``, ``jax.numpy`` and the Flax Linen/NNX layers emit on
+jax 0.10 and 0.12 has a rule (``tests/test_primitive_coverage.py`` audits it).
+A primitive with no rule goes to the equivariance check of ``equivariance.py``;
+axes it cannot couple make the analysis raise, naming the primitive and its
+equation, if they would be pruned. Rules for primitives that hold sub-jaxprs
+(``jit``, ``custom_jvp_call``, ``scan``, ``cond``, ``while``, ...) live in
+``control.py``; collectives and ``shard_map`` in ``collectives.py``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from jaxprune.structured import control
+import numpy as np
+
+from jaxprune.structured import collectives, control
 from jaxprune.structured.trace import Tracer
 
 __all__ = ["TRACE_RULES", "ELEMENTWISE"]
@@ -27,11 +36,11 @@ square integer_pow abs erf erfc erf_inv lgamma digamma convert_element_type
 stop_gradient copy copy_p reduce_precision real imag conj shift_left
 shift_right_logical shift_right_arithmetic population_count clz add_any
 sharding_constraint mesh_cast polygamma igamma igammac bessel_i0e bessel_i1e
+le_to lt_to random_gamma_grad zeta regularized_incomplete_beta
 """.split())
 
 REDUCTIONS = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor "
-    "argmax argmin".split())
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split())
 
 
 def _elementwise(t: Tracer, eqn: Any, scope: tuple, sub: tuple) -> None:
@@ -135,6 +144,16 @@ def _reduce(t, eqn, scope, sub):
             t.uf.union(p, q)
 
 
+def _arg_reduce(t, eqn, scope, sub):
+    """``argmax``/``argmin``: the result is a position along the reduced axis,
+    which would index the kept channels only: that axis is not prunable."""
+    _reduce(t, eqn, scope, sub)
+    x = eqn.invars[0]
+    for a in eqn.params["axes"]:
+        t.uf.freeze(t.axes(x, scope)[a % len(t.shape(x))],
+                    f"'{eqn.primitive.name}' returns positions along this axis")
+
+
 def _along_axis_frozen(param: str):
     def rule(t, eqn, scope, sub):
         _elementwise(t, eqn, scope, sub)
@@ -225,7 +244,10 @@ def _slice(t, eqn, scope, sub):
         if (a, b, s) == (0, xs[k], 1):
             t.uf.union(xa[k], oa[k])
         elif s == 1:
+            # The positions the slice leaves out are not channels (unless some
+            # other slice reads them; see groups.analyze).
             pre, post = t.uf.new(a), t.uf.new(xs[k] - b)
+            t.uf.dropped += [pre, post]
             t.uf.set_struct(xa[k], "sum", [pre, oa[k], post])
         else:
             t.uf.freeze(xa[k], "strided slice")
@@ -270,26 +292,165 @@ def _dynamic_update_slice(t, eqn, scope, sub):
 
 
 def _gather(t, eqn, scope, sub):
+    """Output batch axes carry the indices' batch axes; window axes taken whole
+    carry the operand's. An operand axis read at data-dependent positions is
+    frozen; read at constant positions it is a ``take`` of the output axis."""
     x, idx = eqn.invars[:2]
     out = eqn.outvars[0]
     dn = eqn.params["dimension_numbers"]
     xs, xa, oa = t.shape(x), t.axes(x, scope), t.axes(out, scope)
     ia = t.axes(idx, scope)
     sizes = eqn.params["slice_sizes"]
-    offset_operand = [d for d in range(len(xs))
-                      if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+    obatch = tuple(getattr(dn, "operand_batching_dims", ()))
+    ibatch = tuple(getattr(dn, "start_indices_batching_dims", ()))
+    offset_operand = [d for d in range(len(xs)) if d not in dn.collapsed_slice_dims and d not in obatch]
     for d, o in zip(offset_operand, dn.offset_dims):
         if sizes[d] == xs[d] and d not in dn.start_index_map:
             t.uf.union(xa[d], oa[o])
         else:
             t.uf.freeze(xa[d], "gathered axis"); t.uf.freeze(oa[o], "gathered axis")
-    for d in list(dn.collapsed_slice_dims) + list(dn.start_index_map) + list(dn.operand_batching_dims):
-        t.uf.freeze(xa[d], "indexed axis")
+    # Indices: every axis but the last (the index vector) is a batch axis, in order.
     batch_out = [k for k in range(len(oa)) if k not in dn.offset_dims]
-    for p, q in zip(ia[:-1], batch_out):
-        t.uf.union(p, q)
     if ia:
+        for p, k in zip(ia[:-1], batch_out):
+            t.uf.union(p, oa[k])
         t.uf.freeze(ia[-1], "index vector")
+        for d, b in zip(obatch, ibatch):
+            t.uf.union(xa[d], ia[b])
+    else:
+        for k in batch_out:
+            t.uf.freeze(oa[k], "gathered at literal positions")
+    take = _constant_take(t, eqn, scope, batch_out)
+    for d in set(dn.collapsed_slice_dims) | set(dn.start_index_map):
+        if take is not None and d == take[0]:
+            t.uf.set_struct(oa[batch_out[0]], "take", [xa[d]], take[1])
+        else:
+            t.uf.freeze(xa[d], "axis read at data-dependent positions")
+
+
+def _constant_take(t, eqn, scope, batch_out):
+    """``(operand axis, positions)`` when the gather reads one collapsed axis at
+    constant, in-range positions with one batch axis (``h[:, perm]``), else None."""
+    dn = eqn.params["dimension_numbers"]
+    x, idx = eqn.invars[:2]
+    if len(dn.start_index_map) != 1 or tuple(getattr(dn, "operand_batching_dims", ())) \
+            or len(t.shape(idx)) != 2 or t.shape(idx)[1] != 1 or len(batch_out) != 1:
+        return None
+    d = dn.start_index_map[0]
+    if d not in dn.collapsed_slice_dims or eqn.params["slice_sizes"][d] != 1:
+        return None
+    values = t.value(idx, scope)
+    if values is None or values.dtype.kind not in "iu":
+        return None
+    values = values.reshape(-1).astype(np.int64)
+    if values.size == 0 or values.min() < 0 or values.max() >= t.shape(x)[d]:
+        return None
+    return d, values
+
+
+def _scatter(t, eqn, scope, sub):
+    """The result is the operand; an update window axis taken whole carries the
+    operand's channel, update batch axes the indices'; written axes are frozen."""
+    x, idx, upd = eqn.invars[:3]
+    out = eqn.outvars[0]
+    dn = eqn.params["dimension_numbers"]
+    xs, us = t.shape(x), t.shape(upd)
+    xa, ia, ua, oa = (t.axes(v, scope) for v in (x, idx, upd, out))
+    obatch = tuple(getattr(dn, "operand_batching_dims", ()))
+    ibatch = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
+    for p, q in zip(xa, oa):
+        t.uf.union(p, q)
+    window = [d for d in range(len(xs)) if d not in dn.inserted_window_dims and d not in obatch]
+    for d, w in zip(window, dn.update_window_dims):
+        if d not in dn.scatter_dims_to_operand_dims and us[w] == xs[d]:
+            t.uf.union(xa[d], ua[w])
+        else:
+            t.uf.freeze(xa[d], "scattered axis"); t.uf.freeze(ua[w], "scattered axis")
+    for d in set(dn.inserted_window_dims) | set(dn.scatter_dims_to_operand_dims):
+        t.uf.freeze(xa[d], "axis written at indexed positions")
+    upd_batch = [k for k in range(len(us)) if k not in dn.update_window_dims]
+    if ia:
+        for p, k in zip(ia[:-1], upd_batch):
+            t.uf.union(p, ua[k])
+        t.uf.freeze(ia[-1], "index vector")
+        for d, b in zip(obatch, ibatch):
+            t.uf.union(xa[d], ia[b])
+    else:
+        for k in upd_batch:
+            t.uf.freeze(ua[k], "scattered at literal positions")
+
+
+def _stack(t, eqn, scope, sub):
+    oa = t.axes(eqn.outvars[0], scope)
+    ax = eqn.params["axis"] % len(oa)
+    rest = [a for k, a in enumerate(oa) if k != ax]
+    for v in eqn.invars:
+        for p, q in zip(t.axes(v, scope), rest):
+            t.uf.union(p, q)
+    t.uf.freeze(oa[ax], "stacked axis (one entry per operand)")
+
+
+def _unstack(t, eqn, scope, sub):
+    xa = t.axes(eqn.invars[0], scope)
+    ax = eqn.params["axis"] % len(xa)
+    rest = [a for k, a in enumerate(xa) if k != ax]
+    for v in eqn.outvars:
+        for p, q in zip(rest, t.axes(v, scope)):
+            t.uf.union(p, q)
+    t.uf.freeze(xa[ax], "unstacked axis (one result per entry)")
+
+
+def _tile(t, eqn, scope, sub):
+    """Output axis = repetitions x input axis (row-major); repetitions stay."""
+    x, out = eqn.invars[0], eqn.outvars[0]
+    xa, oa = t.axes(x, scope), t.axes(out, scope)
+    reps = tuple(eqn.params["reps"])
+    if len(xa) != len(oa) or len(reps) != len(xa):
+        return _freeze_all("tile that changes rank")(t, eqn, scope, sub)
+    for k, r in enumerate(reps):
+        if r == 1:
+            t.uf.union(xa[k], oa[k])
+        else:
+            rep = t.uf.new(r)
+            t.uf.freeze(rep, "tile repetitions")
+            t.uf.set_struct(oa[k], "prod", [rep, xa[k]])
+
+
+def _rev(t, eqn, scope, sub):
+    """A reversed axis takes the input's channels in reverse order."""
+    x, out = eqn.invars[0], eqn.outvars[0]
+    xa, oa = t.axes(x, scope), t.axes(out, scope)
+    dims = {d % len(xa) for d in eqn.params["dimensions"]}
+    for k, (p, q) in enumerate(zip(xa, oa)):
+        if k in dims:
+            t.uf.set_struct(q, "take", [p], range(t.uf.size[p] - 1, -1, -1))
+        else:
+            t.uf.union(p, q)
+
+
+def _top_k(t, eqn, scope, sub):
+    x = eqn.invars[0]
+    xa = t.axes(x, scope)
+    ax = eqn.params.get("axis", -1) % len(xa)
+    for o in eqn.outvars:
+        oa = t.axes(o, scope)
+        for k, (p, q) in enumerate(zip(xa, oa)):
+            if k == ax:
+                t.uf.freeze(p, "top_k axis"); t.uf.freeze(q, "top_k axis")
+            else:
+                t.uf.union(p, q)
+
+
+def _fft(t, eqn, scope, sub):
+    """The transformed (last ``len(fft_lengths)``) axes mix; the rest pass through."""
+    x, out = eqn.invars[0], eqn.outvars[0]
+    xa, oa = t.axes(x, scope), t.axes(out, scope)
+    n = len(eqn.params["fft_lengths"])
+    for k, (p, q) in enumerate(zip(xa, oa)):
+        if k >= len(xa) - n:
+            t.uf.freeze(p, "fft axis"); t.uf.freeze(q, "fft axis")
+        else:
+            t.uf.union(p, q)
 
 
 def _random_bits(t, eqn, scope, sub):
@@ -367,11 +528,14 @@ TRACE_RULES.update({
     "cummin": _along_axis_frozen("axis"),
     "cumlogsumexp": _along_axis_frozen("axis"),
     "sort": _along_axis_frozen("dimension"),
-    "rev": _freeze_all("reversed axes"),
-    "top_k": _freeze_all("top_k"),
-    "scatter": _freeze_all("scatter"),
-    "scatter-add": _freeze_all("scatter"),
-    "scatter_add": _freeze_all("scatter"),
+    "argmax": _arg_reduce,
+    "argmin": _arg_reduce,
+    "rev": _rev,
+    "top_k": _top_k,
+    "fft": _fft,
+    "stack": _stack,
+    "unstack": _unstack,
+    "tile": _tile,
     "random_bits": _random_bits,
     "bitcast_convert_type": _bitcast,
     "random_seed": _freeze_all("random numbers"),
@@ -387,4 +551,8 @@ TRACE_RULES.update({
     "optimization_barrier": _passthrough,
     "debug_callback": lambda t, eqn, scope, sub: None,  # prints; couples nothing
 })
+TRACE_RULES.update({name: _scatter for name in (
+    "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "scatter-mul",
+    "scatter_mul", "scatter-min", "scatter_min", "scatter-max", "scatter_max")})
 TRACE_RULES.update(control.TRACE_CONTROL)
+TRACE_RULES.update(collectives.TRACE_COLLECTIVES)
