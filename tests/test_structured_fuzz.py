@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as hst
+from hypothesis import Phase, given, settings, strategies as hst
 from jax import lax
 
 from jaxprune import structured as st
@@ -114,7 +114,7 @@ def check(kinds, seed):
                                err_msg=f"{kinds}, seed {seed}")
 
 
-@settings(deadline=None, max_examples=12, derandomize=True)
+@settings(deadline=None, max_examples=10, derandomize=True)
 @given(kinds=hst.lists(hst.sampled_from(sorted(VOCAB)), min_size=1, max_size=4),
        seed=hst.integers(0, 1000))
 def test_random_functions_shrink_exactly_or_refuse_naming_a_primitive(kinds, seed):
@@ -123,7 +123,7 @@ def test_random_functions_shrink_exactly_or_refuse_naming_a_primitive(kinds, see
 
 @pytest.mark.xfail(strict=True, reason="reductions over a pruned axis give the masked dense model "
                    "only with issue 9 item 3 (masked semantics); remove this mark once it is merged")
-@settings(deadline=None, max_examples=6, derandomize=True)
+@settings(deadline=None, max_examples=6, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(before=hst.lists(hst.sampled_from(sorted(VOCAB)), max_size=2),
        norm=hst.sampled_from(sorted(NORMS)), seed=hst.integers(0, 1000))
 def test_random_functions_with_norms_over_channels_shrink_exactly_or_refuse(before, norm, seed):

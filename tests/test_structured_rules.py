@@ -288,6 +288,18 @@ def test_fallback_reproduces_builtin_rules_or_refuses(monkeypatch):
         st.groups(lambda v, x: (hidden(v, x).T * 2).T @ v["w2"], mlp_vars(), X)
 
 
+def test_searchsorted_couples_its_queries_but_not_the_sorted_table():
+    # jax 0.10: a scan over comparisons; jax 0.12: one "hijax" primitive (call_hi_primitive)
+    edges = np.linspace(-1, 1, 7).astype(np.float32)
+    f = lambda v, x: (jnp.searchsorted(edges, hidden(v, x)) * hidden(v, x)) @ v["w2"]
+    (g,) = st.groups(f, mlp_vars(), X)
+    assert g.size == 16
+    assert_shrinks_exactly(f, mlp_vars(), X)
+    table = lambda v, x: jnp.searchsorted(jnp.sort(hidden(v, x)[0]), x[0])[None].astype(jnp.float32) \
+        @ v["w2"][:4] + hidden(v, x) @ v["w2"]
+    assert st.groups(table, mlp_vars(), X) == []
+
+
 # ---------------------------------------------------------------- random bits (issue 9 item 5)
 class DropMLP(nn.Module):
     @nn.compact

@@ -31,7 +31,7 @@ import numpy as np
 from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured.trace import Tracer
 
-__all__ = ["couple", "equivariant_axes"]
+__all__ = ["couple", "equivariant_axes", "rebind"]
 
 _CACHE: dict[Any, tuple[frozenset, str]] = {}
 _CACHE_SIZE = 512
@@ -85,10 +85,21 @@ def _random(v: Any, rng: np.random.Generator) -> Optional[np.ndarray]:
     return None
 
 
+def rebind(eqn: Any, args: Sequence[Any]) -> Any:
+    """``eqn``'s primitive applied to ``args``, which may have other shapes than
+    the traced ones. A high-level primitive (jax 0.12 "hijax", e.g.
+    ``jnp.searchsorted``) stores its traced shapes, so it is expanded to its
+    shape-generic lowering (``to_lojax``) instead of being bound."""
+    to_lojax = vars(eqn.primitive).get("to_lojax")
+    if to_lojax is not None:
+        return to_lojax(*args, **eqn.params)
+    return eqn.primitive.bind(*args, **eqn.params)
+
+
 def _run(eqn: Any, args: Sequence[Any]) -> Optional[list[np.ndarray]]:
     try:
         with jax.ensure_compile_time_eval():
-            outs = eqn.primitive.bind(*args, **eqn.params)
+            outs = rebind(eqn, args)
         outs = list(outs) if eqn.primitive.multiple_results else [outs]
         return [np.asarray(o) for o in outs]
     except Exception:  # noqa: BLE001 - an op that fails at the sliced shape is not equivariant

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.structured import collectives, control
+from jaxprune.structured import collectives, control, equivariance
 from jaxprune.structured.trace import Tracer
 
 __all__ = ["TRACE_RULES", "ELEMENTWISE"]
@@ -554,5 +554,9 @@ TRACE_RULES.update({
 TRACE_RULES.update({name: _scatter for name in (
     "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "scatter-mul",
     "scatter_mul", "scatter-min", "scatter_min", "scatter-max", "scatter_max")})
+# jax 0.12 "hijax" primitives (``jnp.searchsorted``, ...) wrap an arbitrary
+# high-level op: they are black boxes, coupled only along axes where slicing
+# commutes with them exactly (the equivariance check).
+TRACE_RULES["call_hi_primitive"] = lambda t, eqn, scope, sub: equivariance.couple(t, eqn, scope)
 TRACE_RULES.update(control.TRACE_CONTROL)
 TRACE_RULES.update(collectives.TRACE_COLLECTIVES)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune.structured import collectives, control
+from jaxprune.structured import collectives, control, equivariance
 from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
 __all__ = ["Shrinker", "SHRINK_RULES", "RANDOM_BITS"]
@@ -140,6 +140,11 @@ def _random_bits(s, eqn, invals, scope, sub):
     return eqn.primitive.bind(*invals, **{**eqn.params, "shape": new})
 
 
+def _rebind(s, eqn, invals, scope, sub):
+    """A high-level primitive that stores its traced shapes: its lowering."""
+    return equivariance.rebind(eqn, invals)
+
+
 def _slice(s, eqn, invals, scope, sub):
     x, out = eqn.invars[0], eqn.outvars[0]
     p = eqn.params
@@ -214,6 +219,7 @@ SHRINK_RULES: dict[str, Callable] = {
     "dynamic_slice": _with(slice_sizes=_out_shape),
     "iota": _full_then_cut,
     "random_bits": _random_bits,
+    "call_hi_primitive": _rebind,
     "slice": _slice,
     "split": _split,
     "gather": _gather,
