@@ -50,7 +50,8 @@ def primitives(jaxpr: Any, found: dict | None = None, case: str = "") -> dict[st
 # ---------------------------------------------------------------- cases
 def _jax_nn_cases() -> list[tuple[str, Callable, tuple]]:
     special = {
-        "dot_product_attention": (lambda q: jax.nn.dot_product_attention(q, q, q), (jnp.zeros((2, 3, 2, 4)),)),
+        "dot_product_attention": (lambda q: jax.nn.dot_product_attention(q, q, q),
+                                  (jnp.zeros((2, 3, 2, 4)),)),
         "one_hot": (lambda i: jax.nn.one_hot(i, 5), (jnp.zeros((2, 3), jnp.int32),)),
         "scaled_dot_general": None, "scaled_matmul": None, "get_scaled_dot_general_config": None,
     }
@@ -84,8 +85,10 @@ _JNP = {
     "stack/unstack/tile/repeat": lambda a: jnp.stack([a, a], 1).sum(1) + jnp.tile(a, (1, 1, 2))[..., :4]
     + jnp.repeat(a, 2, axis=1)[:, :3] + sum(jnp.unstack(a, axis=1))[:, None],
     "concatenate/split": lambda a: jnp.concatenate(jnp.split(a, 2, axis=-1)[::-1], -1),
-    "pad/roll/flip": lambda a: jnp.pad(a, ((0, 0), (1, 1), (0, 0)))[:, 1:-1] + jnp.roll(a, 1, 1) + jnp.flip(a, 1),
-    "reshape/transpose/swapaxes": lambda a: a.reshape(2, 12).reshape(2, 3, 4).transpose(0, 2, 1).swapaxes(1, 2)
+    "pad/roll/flip": lambda a: jnp.pad(a, ((0, 0), (1, 1), (0, 0)))[:, 1:-1] + jnp.roll(a, 1, 1)
+    + jnp.flip(a, 1),
+    "reshape/transpose/swapaxes": lambda a: a.reshape(2, 12).reshape(2, 3, 4).transpose(0, 2, 1)
+    .swapaxes(1, 2)
     + jnp.moveaxis(a, 0, 0) + jnp.squeeze(jnp.expand_dims(a, 0), 0),
     "einsum/matmul/tensordot": lambda a: jnp.einsum("bsd,bte->bsde", a, a).sum(-1) + a @ jnp.ones((4, 4))
     + jnp.tensordot(a, jnp.ones((4, 4)), 1),
@@ -176,7 +179,8 @@ def _linen_cases() -> list[tuple[str, Callable, tuple]]:
         def __call__(self, x):
             h = nn.BatchNorm(use_running_average=False)(x)
             h = nn.Dropout(0.5, deterministic=False)(h)
-            return nn.avg_pool(nn.max_pool(h, (2, 2), (2, 2)), (1, 1)) + nn.pooling.min_pool(h, (2, 2), (2, 2))
+            pooled = nn.avg_pool(nn.max_pool(h, (2, 2), (2, 2)), (1, 1))
+            return pooled + nn.pooling.min_pool(h, (2, 2), (2, 2))
 
     v = jax.eval_shape(lambda x: Train().init({"params": KEY, "dropout": KEY}, x), IMG)
     out.append(("linen BatchNorm(train)/Dropout/pool", lambda v, x, k: Train().apply(
@@ -192,7 +196,8 @@ def _linen_cases() -> list[tuple[str, Callable, tuple]]:
         lambda r: Named().apply(v, r, mutable=["batch_stats"]), axis_name="batch")(x), (vn, IMG)))
     sn = nn.SpectralNorm(nn.Dense(5))
     vs = jax.eval_shape(lambda: sn.init(KEY, jnp.zeros((2, 4)), update_stats=False))
-    out.append(("linen.SpectralNorm", lambda v, x: sn.apply(v, x, update_stats=False), (vs, jnp.zeros((2, 4)))))
+    out.append(("linen.SpectralNorm", lambda v, x: sn.apply(v, x, update_stats=False),
+                (vs, jnp.zeros((2, 4)))))
     return out
 
 

@@ -96,23 +96,22 @@ def _shard_map(t, eqn, scope, sub):
         t.axes(v, sub)
         t.values[(sub, v)] = c
 
-    def couple(outer, oscope, inner, spec):
+    def couple(outer, inner, spec):
         sharded = jp.spec_dims(spec, len(t.shape(outer)))
-        for d, (p, q) in enumerate(zip(t.axes(outer, oscope), t.axes(inner, sub))):
+        for d, (p, q) in enumerate(zip(t.axes(outer, scope), t.axes(inner, sub))):
             if d in sharded:
                 t.uf.freeze(p, "axis sharded by shard_map"); t.uf.freeze(q, "axis sharded by shard_map")
             else:
                 t.uf.union(p, q)
-        if not sharded:
-            t.alias(inner, sub, outer, oscope)
+        return not sharded
 
     for outer, inner, spec in zip(eqn.invars, body.invars, lay.in_specs):
-        if not _is_lit(outer):
-            couple(outer, scope, inner, spec)
+        if not _is_lit(outer) and couple(outer, inner, spec):
+            t.alias(inner, sub, outer, scope)  # a replicated constant stays known inside
     t.walk(body, sub)
     for outer, inner, spec in zip(eqn.outvars, body.outvars, lay.out_specs):
         if not _is_lit(inner):
-            couple(outer, scope, inner, spec)
+            couple(outer, inner, spec)
 
 
 def _shrink_shard_map(s, eqn, invals, scope, sub):

@@ -201,7 +201,11 @@ def groups(apply_fn: Callable, variables: PyTree, *example_args: Any,
     (abstract inputs only) with one rule per primitive; an unknown primitive
     touching a non-trivial axis raises ``StructuredPruningError`` naming it.
     Axes that reach the example inputs or the outputs are not prunable unless
-    ``prunable_io=True``. Every variable collection is covered.
+    ``prunable_io=True``; neither are axes indexed by position (positions a
+    slice leaves out, axes read at data-dependent positions, ``argmax``
+    positions) nor leaves the function never reads. A primitive without a rule
+    is coupled along the axes where slicing commutes with it exactly
+    (``equivariance.py``). Every variable collection is covered.
 
     Args:
       apply_fn: ``apply_fn(variables, *example_args)``, any JAX function.

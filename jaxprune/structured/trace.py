@@ -280,8 +280,7 @@ class Tracer:
             return np.asarray(var.val)
         key = (scope, var)
         if key in self.values:
-            got = self.values[key]
-            return None if got is None else np.asarray(got)
+            return _numpy(self.values[key])
         self.values[key] = None  # also guards against cycles
         got = None
         if key in self.aliases:
@@ -301,12 +300,12 @@ class Tracer:
         try:
             with jax.ensure_compile_time_eval():
                 outs = eqn.primitive.bind(*ins, **eqn.params)
-        except Exception:  # noqa: BLE001 - not computable here: unknown, never guessed
+            outs = list(outs) if eqn.primitive.multiple_results else [outs]
+            outs = [np.asarray(x) for x in outs]
+        except Exception:  # noqa: BLE001 - not computable here (PRNG keys, ...): unknown
             return None
-        outs = list(outs) if eqn.primitive.multiple_results else [outs]
         got = None
         for v, x in zip(eqn.outvars, outs):
-            x = np.asarray(x)
             self.values[(scope, v)] = x
             if v is var:
                 got = x
@@ -331,6 +330,15 @@ class Tracer:
                 if not e.args or e.args[0] in eqn.params:
                     raise
                 raise parameter_error(eqn, e.args[0]) from None
+
+
+def _numpy(x: Any) -> Optional[np.ndarray]:
+    if x is None:
+        return None
+    try:
+        return np.asarray(x)
+    except Exception:  # noqa: BLE001 - e.g. a PRNG key array: not a plain value
+        return None
 
 
 def unsupported_error(name: str, text: str, why: str = "it has no coupling rule") -> StructuredPruningError:
