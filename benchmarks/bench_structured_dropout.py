@@ -11,7 +11,8 @@ interleaved repeated runs) and XLA-counted FLOPs of:
             bit-identical to the masked dense model: the behaviour before this option)
   reduced   shrunk, random bits drawn at the reduced shape (the default; the same
             distribution as the masked model's)
-and the ratios dense/exact and dense/reduced measured in the same run.
+and the ratios dense/exact and dense/reduced measured in the same run, with the
+number of random bits each step draws (counted in the jaxpr: noise-free).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_structured import flops, latencies  # noqa: E402
@@ -46,11 +48,30 @@ class Block(nn.Module):
         return x + drop(nn.Dense(self.d)(h))
 
 
+def random_bits_drawn(fn, *args) -> int:
+    """Random values drawn by ``fn`` (``random_bits`` outputs, sub-jaxprs included)."""
+    total = 0
+
+    def walk(jaxpr):
+        nonlocal total
+        for e in jaxpr.eqns:
+            if e.primitive.name == "random_bits":
+                total += int(np.prod(e.outvars[0].aval.shape))
+            for p in e.params.values():
+                for q in p if isinstance(p, (tuple, list)) else [p]:
+                    if hasattr(q, "eqns") or type(q).__name__ == "ClosedJaxpr":
+                        walk(getattr(q, "jaxpr", q))
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant")
     args = ap.parse_args()
     b, n, d, heads, mlp, reps = (4, 64, 128, 4, 512, 10) if args.quick else (8, 128, 256, 8, 1024, 20)
+    reps = args.reps or reps
     block = Block(d, heads, mlp)
     x = jax.random.normal(jax.random.key(0), (b, n, d))
     key = jax.random.key(1)
@@ -69,11 +90,12 @@ def main() -> None:
              "reduced": (step(reduced.apply), (reduced.variables, x, key))}
     times = latencies(calls, reps)
     fl = {k: flops(fn, *a) for k, (fn, a) in calls.items()}
+    bits = {k: random_bits_drawn(fn, *a) for k, (fn, a) in calls.items()}
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}; block d={d} heads={heads} "
           f"mlp={mlp}, batch {b}x{n}; params {exact.params_before} -> {exact.params_after}")
-    print(f"{'variant':8s} {'step ms':>9s} {'GFLOPs':>8s}")
+    print(f"{'variant':8s} {'step ms':>9s} {'GFLOPs':>8s} {'random values':>14s}")
     for k in calls:
-        print(f"{k:8s} {1e3 * times[k]:9.2f} {fl[k] / 1e9:8.3f}")
+        print(f"{k:8s} {1e3 * times[k]:9.2f} {fl[k] / 1e9:8.3f} {bits[k]:14d}")
     print(f"speed-up over dense: exact {times['dense'] / times['exact']:.2f}x, "
           f"reduced {times['dense'] / times['reduced']:.2f}x "
           f"(FLOPs ratio {fl['reduced'] / fl['dense']:.2f}); "

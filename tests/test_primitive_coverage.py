@@ -161,7 +161,6 @@ def _linen_cases() -> list[tuple[str, Callable, tuple]]:
         "BatchNorm(eval)": (nn.BatchNorm(use_running_average=True), IMG),
         "WeightNorm": (nn.WeightNorm(nn.Dense(5)), X3), "SpectralNorm": None,
         "MHA": (nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4), X3),
-        "SelfAttention": (nn.SelfAttention(num_heads=2), X3),
         "Dropout": None, "LSTMCell-RNN": (nn.RNN(nn.LSTMCell(5)), X3),
         "GRUCell-RNN": (nn.RNN(nn.GRUCell(5)), X3), "Einsum": (nn.Einsum((4, 5), "bsd,de->bse"), X3),
         "PReLU": (nn.PReLU(), X3),

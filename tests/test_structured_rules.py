@@ -207,7 +207,8 @@ def test_shard_map_body_with_collectives_shrinks_exactly():
         h = h - jax.lax.pmean(h, "d") + jax.lax.pmax(h, "d")
         h = h + jax.lax.ppermute(h, "d", [(i, (i + 1) % n) for i in range(n)])
         g = jax.lax.all_gather(h, "d", axis=0, tiled=True).sum(0)
-        return (h + g) @ v["w2"]
+        g = g + jax.lax.psum_scatter(jnp.broadcast_to(h, (n,) + h.shape), "d", scatter_dimension=0)
+        return (h + g + jax.lax.axis_index("d")) @ v["w2"]
 
     f = lambda v, x: jax.shard_map(body, mesh=mesh, in_specs=(P(), P("d")), out_specs=P("d"))(v, x)
     x = jax.random.normal(jax.random.key(4), (2 * n, 4))

@@ -549,6 +549,7 @@ TRACE_RULES.update({
     "reduce_window_max": _reduce_window,
     "reduce_window_min": _reduce_window,
     "optimization_barrier": _passthrough,
+    "device_put": _passthrough,
     "debug_callback": lambda t, eqn, scope, sub: None,  # prints; couples nothing
 })
 TRACE_RULES.update({name: _scatter for name in (
