@@ -180,6 +180,7 @@ def _perturbed(v):
     return jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_batchnorm_with_axis_name_in_train_mode_under_vmap_and_pmap():
     x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
     v = _perturbed(ConvBN().init(jax.random.key(0), x[0]))
