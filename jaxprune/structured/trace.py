@@ -137,10 +137,12 @@ class UnionFind:
                         cyclic = True
                     stack.append(c)
         if cyclic:
+            # Every cycle passes through ``root`` (it was closed by the union that
+            # made it): dropping its structure breaks them; freezing everything
+            # below keeps the other parents of those parts consistent.
             for r in seen:
                 self.frozen.setdefault(r, "axis is permuted onto itself")
-            for r in seen:
-                self.struct.pop(r, None)
+            self.struct.pop(root, None)
 
     # -- after tracing -------------------------------------------------
     def atoms(self, a: int) -> list[int]:
