@@ -13,7 +13,7 @@ from jaxprune.structured import importance as imp
 from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured import plan as plan_lib
 from jaxprune.structured.groups import Analysis, Group, analyze
-from jaxprune.structured.shrink import Shrinker
+from jaxprune.structured.shrink import Shrinker, check_random_bits
 from jaxprune.structured.trace import StructuredPruningError
 
 PyTree = Any
@@ -46,16 +46,18 @@ class ShrunkFunction:
     The function is re-emitted from the jaxpr of ``apply_fn`` (traced at the
     full shapes); a new input shape (another batch size) triggers one re-trace.
     Differentiable and jittable; wrap it in ``jax.jit`` (``shrink`` does).
-    Structural pruning by re-emission follows the groups of DepGraph (Fang et
-    al. 2023).
+    Random bits (dropout) are drawn at the reduced shapes unless
+    ``random_bits="exact"`` (see ``shrink``). Structural pruning by re-emission
+    follows the groups of DepGraph (Fang et al. 2023).
     """
 
     def __init__(self, apply_fn: Callable, full_variables: PyTree, plan: dict,
-                 prunable_io: bool = False) -> None:
+                 prunable_io: bool = False, random_bits: str = "reduced") -> None:
         self.apply_fn = apply_fn
         self.full = _abstract(full_variables)
         self.plan = plan
         self.prunable_io = prunable_io
+        self.random_bits = check_random_bits(random_bits)
         self._cache: dict[Any, tuple[Analysis, dict]] = {}
 
     def _prepared(self, args: tuple) -> tuple[Analysis, Shrinker]:
@@ -70,7 +72,7 @@ class ShrunkFunction:
             got = (a, keep)
             self._cache[key] = got
         a, keep = got
-        return a, Shrinker(a, keep)
+        return a, Shrinker(a, keep, self.random_bits)
 
     def __call__(self, variables: PyTree, *args: Any) -> Any:
         a, s = self._prepared(args)
@@ -130,19 +132,26 @@ def plan_for(apply_fn: Callable, variables: PyTree, *example_args: Any, sparsity
 
 
 def shrink(apply_fn: Callable, variables: PyTree, plan: dict, *,
-           prunable_io: bool = False) -> tuple[PyTree, Callable]:
+           prunable_io: bool = False, random_bits: str = "reduced") -> tuple[PyTree, Callable]:
     """Smaller variables and a jitted, differentiable forward at reduced shapes.
 
     The forward re-emits the jaxpr of ``apply_fn`` with the shape parameters
     along pruned axes rewritten, so it works for any JAX function, including
     modules with hard-coded widths (DepGraph, Fang et al. 2023).
 
+    Args:
+      random_bits: ``"reduced"`` (default) draws random bits (dropout masks)
+        along pruned axes at the reduced shape: the same distribution as the
+        masked dense model's draw cut to the kept channels, at the cost of the
+        small model. ``"exact"`` draws them at the full shape and cuts them, so
+        the shrunk output equals the masked dense model's bit for bit (tests).
+
     Returns:
       ``(small_variables, jitted_fn)`` with ``jitted_fn(small_variables, *args)``.
     """
     plan_lib.check_plan(plan, variables)
     small = plan_lib.slice_variables(variables, plan)
-    return small, jax.jit(ShrunkFunction(apply_fn, variables, plan, prunable_io))
+    return small, jax.jit(ShrunkFunction(apply_fn, variables, plan, prunable_io, random_bits))
 
 
 @dataclasses.dataclass
@@ -170,11 +179,12 @@ def prune_function(apply_fn: Callable, variables: PyTree, *example_args: Any,
     """``plan_for`` + ``shrink`` for any ``apply_fn(variables, *inputs)``.
 
     Group importance and coupling as in DepGraph (Fang et al. 2023); keyword
-    arguments are those of ``plan_for``.
+    arguments are those of ``plan_for``, and ``random_bits`` of ``shrink``.
     """
     prunable_io = kwargs.get("prunable_io", False)
+    random_bits = kwargs.pop("random_bits", "reduced")
     plan = plan_for(apply_fn, variables, *example_args, **kwargs)
-    small, fn = shrink(apply_fn, variables, plan, prunable_io=prunable_io)
+    small, fn = shrink(apply_fn, variables, plan, prunable_io=prunable_io, random_bits=random_bits)
     return PruneResult(small, fn, plan, plan_lib.plan_groups(plan), param_count(variables),
                        param_count(small))
 
@@ -187,7 +197,7 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
                    importance: imp.Importance = "l2", round_to: int = 1,
                    ignore: Any = None, plan: Optional[dict] = None,
                    apply_kwargs: Optional[dict] = None, rebuild: Optional[Callable] = None,
-                   **kwargs: Any) -> PruneResult:
+                   random_bits: str = "reduced", **kwargs: Any) -> PruneResult:
     """Removes ``sparsity`` of the channels of every coupled group, for real.
 
     Groups come from the jaxpr (DepGraph, Fang et al. 2023), ranked by
@@ -201,6 +211,8 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
         model (``args = example_inputs``) or any ``apply_fn(variables, *inputs)``.
       apply_kwargs: keyword arguments for a Linen ``module.apply`` (e.g.
         ``{"train": True, "mutable": ["batch_stats"]}``).
+      random_bits: ``"reduced"`` (default) or ``"exact"``: how the shrunk
+        forward draws random bits (dropout masks); see ``shrink``.
       rebuild: NNX only, for models built from a plain config:
         ``rebuild(small_variables) -> model`` constructs the user's class at the
         reduced widths; it runs under ``nnx.eval_shape`` and the reduced
@@ -219,10 +231,11 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
     ((3, 4), 40, 20)
     """
     options = dict(sparsity=sparsity, importance=importance, round_to=round_to, ignore=ignore,
-                   **kwargs)
+                   random_bits=check_random_bits(random_bits), **kwargs)
     apply_kwargs = dict(apply_kwargs or {})
     if _is_flax(target, "flax.nnx"):
         from jaxprune.structured import flax as fx
+        fx.check_nnx_inputs(target, args)
         fn, variables, state = fx.nnx_functional(target)
         full = _run(fn, variables, args, plan, options)
         small_fn = full.apply
@@ -252,12 +265,14 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
 
 
 def _run(fn: Callable, variables: PyTree, inputs: tuple, plan: Optional[dict], options: dict) -> PruneResult:
+    options = dict(options)
     prunable_io = options.get("prunable_io", False)
+    random_bits = options.pop("random_bits", "reduced")
     if plan is None:
         plan = plan_for(fn, variables, *inputs, **options)
     else:
         plan_lib.check_plan(plan, variables, analyze(fn, variables, *inputs,
                                                      prunable_io=prunable_io).groups)
-    small, shrunk = shrink(fn, variables, plan, prunable_io=prunable_io)
+    small, shrunk = shrink(fn, variables, plan, prunable_io=prunable_io, random_bits=random_bits)
     return PruneResult(small, shrunk, plan, plan_lib.plan_groups(plan), param_count(variables),
                        param_count(small))
