@@ -124,6 +124,7 @@ def _shrink_shard_map(s, eqn, invals, scope, sub):
     return list(jax.shard_map(lambda *a: tuple(body(*a)), **kwargs)(*invals))
 
 
+#: Trace rules of collectives (``psum``, ``all_gather``, ...) and of ``shard_map`` bodies.
 TRACE_COLLECTIVES: dict[str, Any] = {
     name: _elementwise_across_devices for name in (
         "psum", "pmax", "pmin", "ppermute", "pvary", "psum_invariant", "pbroadcast")}
@@ -136,4 +137,5 @@ TRACE_COLLECTIVES.update({
     "shard_map": _shard_map,
 })
 
+#: Shrink rules of the same: ``shard_map`` is re-emitted over the shrunk body.
 SHRINK_COLLECTIVES: dict[str, Callable] = {"shard_map": _shrink_shard_map}

@@ -119,6 +119,7 @@ def _rev(t, eqn, scope, sub):
             t.uf.union(p, q)
 
 
+#: Trace rules of indexing primitives: ``gather``, every ``scatter`` variant and ``rev``.
 TRACE_INDEXING = {"gather": _gather, "rev": _rev}
 TRACE_INDEXING.update({name: _scatter for name in (
     "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "scatter-mul",

@@ -28,6 +28,8 @@ from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
 __all__ = ["Shrinker", "SHRINK_RULES", "RANDOM_BITS"]
 
+#: How random bits are drawn in a shrunk forward: at the reduced shapes (equal in
+#: distribution, faster) or at full size and then cut (bit-identical to the masked model).
 RANDOM_BITS = ("reduced", "exact")
 
 
