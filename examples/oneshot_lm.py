@@ -1,0 +1,233 @@
+"""One-shot pruning of a small language model: magnitude vs Wanda vs SparseGPT.
+
+Trains a byte-level decoder-only transformer (Flax Linen) on the Python
+standard library's own source files (offline text, nothing downloaded), then
+prunes every linear layer of its transformer blocks at 50% unstructured and
+2:4 with ``jaxprune.oneshot`` from 32 calibration sequences of the training
+text, and prints held-out perplexities (as in Table 3 of the Wanda paper:
+dense < SparseGPT ≲ Wanda < magnitude).
+
+    python examples/oneshot_lm.py              # ~1-2 minutes on a laptop CPU
+    python examples/oneshot_lm.py --smoke      # a few seconds (also JAXPRUNE_SMOKE=1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+import time
+from typing import Optional
+
+import numpy as np
+
+WHERE = r"Block_\d+/.*kernel$"  # the linear layers of the transformer blocks, as the papers prune
+
+
+@dataclasses.dataclass
+class Config:
+    layers: int = 2
+    d_model: int = 128
+    heads: int = 4
+    seq_len: int = 128
+    batch: int = 32
+    steps: int = 300
+    lr: float = 3e-3
+    corpus_bytes: int = 3_000_000
+    calib: int = 32          # calibration sequences (the papers use 128 of 2048 tokens)
+    eval_seqs: int = 128
+    seed: int = 0
+    mlp_hidden: int = 0      # 0: 8/3 of d_model (LLaMA), rounded down to a multiple of 8
+
+
+SMOKE = Config(layers=1, d_model=32, heads=2, seq_len=32, batch=16, steps=40, lr=1e-2,
+               corpus_bytes=200_000, calib=8, eval_seqs=8)
+
+
+def corpus(n_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) bytes from the standard library's .py files:
+    every 10th file (sorted by path) is held out for validation."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    train, val = [], []
+    size = 0
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            data = f.read()
+        (val if i % 10 == 9 else train).append(data)
+        size += len(data)
+        if size >= n_bytes:
+            break
+    as_array = lambda parts: np.frombuffer(b"\n".join(parts), np.uint8).astype(np.int32)
+    return as_array(train), as_array(val)
+
+
+def make_model(cfg: Config):
+    """A LLaMA-style decoder (the family both papers prune): pre-RMSNorm
+    blocks of bias-free causal attention and a SwiGLU MLP."""
+    import flax.linen as nn
+
+    hidden = cfg.mlp_hidden or 8 * (cfg.d_model * 8 // 3 // 8)
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask):
+            h = nn.RMSNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=cfg.heads, use_bias=False)(h, h, mask=mask)
+            h = nn.RMSNorm()(x)
+            gate = nn.Dense(hidden, use_bias=False, name="gate")(h)
+            up = nn.Dense(hidden, use_bias=False, name="up")(h)
+            return x + nn.Dense(cfg.d_model, use_bias=False, name="down")(nn.silu(gate) * up)
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            pos = self.param("pos", nn.initializers.normal(0.02), (cfg.seq_len, cfg.d_model))
+            x = nn.Embed(256, cfg.d_model)(tokens) + pos[: tokens.shape[1]]
+            mask = nn.make_causal_mask(tokens)
+            for _ in range(cfg.layers):
+                x = Block()(x, mask)
+            return nn.Dense(256, use_bias=False)(nn.RMSNorm()(x))
+
+    return LM()
+
+
+def windows(data: np.ndarray, n: int, length: int, rng: Optional[np.random.Generator]) -> np.ndarray:
+    """``n`` windows of ``length + 1`` bytes: random starts, or evenly spaced."""
+    if rng is None:
+        starts = np.linspace(0, len(data) - length - 2, n).astype(int)
+    else:
+        starts = rng.integers(0, len(data) - length - 1, n)
+    return np.stack([data[s:s + length + 1] for s in starts])
+
+
+def train(cfg: Config, data: np.ndarray, log=print):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    model = make_model(cfg)
+    variables = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.steps // 10, 1), cfg.steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+
+    def loss_fn(v, seqs):
+        logits = model.apply(v, seqs[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, seqs[:, 1:]).mean()
+
+    @jax.jit
+    def step(v, state, seqs):
+        loss, grads = jax.value_and_grad(loss_fn)(v, seqs)
+        updates, state = tx.update(grads, state, v)
+        return optax.apply_updates(v, updates), state, loss
+
+    rng = np.random.default_rng(cfg.seed)
+    state = tx.init(variables)
+    t = time.perf_counter()
+    for i in range(cfg.steps):
+        variables, state, loss = step(variables, state, windows(data, cfg.batch, cfg.seq_len, rng))
+        if (i + 1) % max(cfg.steps // 5, 1) == 0:
+            log(f"step {i + 1:4d}  train loss {float(loss):.3f}  ({time.perf_counter() - t:.0f} s)")
+    return model, variables
+
+
+def perplexity(model, variables, seqs: np.ndarray) -> float:
+    import jax
+    import optax
+
+    @jax.jit
+    def nll(v, s):
+        logits = model.apply(v, s[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, s[:, 1:]).mean()
+
+    return float(np.exp(np.mean([float(nll(variables, seqs[i:i + 16]))
+                                 for i in range(0, len(seqs), 16)])))
+
+
+def trained(cfg: Config, train_data: np.ndarray, cache: Optional[str], log=print):
+    """``train``, or its result loaded from ``cache`` (a directory) when a run
+    with the same configuration saved it there."""
+    import flax.serialization
+    import jax
+    import jax.numpy as jnp
+
+    path = None
+    if cache:
+        key = "_".join(f"{k}{v}" for k, v in sorted(dataclasses.asdict(cfg).items()))
+        path = os.path.join(cache, f"oneshot_lm_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+                            f"_py3{sys.version_info.minor}.msgpack")
+        if os.path.exists(path):
+            model = make_model(cfg)
+            like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, cfg.seq_len), jnp.int32))
+            with open(path, "rb") as f:
+                log(f"loaded the trained model from {path}")
+                return model, flax.serialization.from_bytes(like, f.read())
+    model, variables = train(cfg, train_data, log)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(flax.serialization.to_bytes(variables))
+    return model, variables
+
+
+def run(cfg: Config, methods=("magnitude", "wanda", "sparsegpt"), sparsities=(0.5, "2:4"),
+        log=print, cache: Optional[str] = None) -> dict:
+    """Trains (or loads from ``cache``), prunes and evaluates; returns
+    {"dense": ppl, (method, sparsity): ppl}."""
+    import jaxprune
+
+    train_data, val_data = corpus(cfg.corpus_bytes)
+    log(f"corpus: {len(train_data):,} train / {len(val_data):,} validation bytes of stdlib source")
+    model, variables = trained(cfg, train_data, cache, log)
+    val = windows(val_data, cfg.eval_seqs, cfg.seq_len, None)
+    calib = windows(train_data, cfg.calib, cfg.seq_len, np.random.default_rng(cfg.seed + 1))[:, :-1]
+    batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+    results = {"dense": perplexity(model, variables, val)}
+    log(f"dense perplexity {results['dense']:.3f}")
+    for sparsity in sparsities:
+        for method in methods:
+            t = time.perf_counter()
+            pruned, masks = jaxprune.oneshot(model.apply, variables, batches, method=method,
+                                             sparsity=sparsity, where=WHERE)
+            results[(method, sparsity)] = perplexity(model, pruned, val)
+            log(f"{method:>9} {str(sparsity):>4}: perplexity {results[(method, sparsity)]:.3f}  "
+                f"(sparsity {float(jaxprune.sparsity(masks)):.3f}, {time.perf_counter() - t:.1f} s)")
+    return results
+
+
+def table(results: dict, sparsities=(0.5, "2:4"), methods=("magnitude", "wanda", "sparsegpt")) -> str:
+    lines = ["| sparsity | dense | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for s in sparsities:
+        cells = [f"{results[(m, s)]:.3f}" for m in methods]
+        label = "50% unstructured" if s == 0.5 else str(s)
+        lines.append(f"| {label} | {results['dense']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, a few seconds (or JAXPRUNE_SMOKE=1)")
+    ap.add_argument("--steps", type=int, help="training steps")
+    ap.add_argument("--layers", type=int, help="transformer blocks")
+    ap.add_argument("--d-model", type=int, help="width")
+    ap.add_argument("--calib", type=int, help="calibration sequences")
+    ap.add_argument("--seed", type=int, help="random seed")
+    ap.add_argument("--cache", help="directory to save the trained model in and reuse it from")
+    args = ap.parse_args()
+    smoke = args.smoke or os.environ.get("JAXPRUNE_SMOKE") == "1"
+    cfg = dataclasses.replace(SMOKE if smoke else Config())
+    for name in ("steps", "layers", "d_model", "calib", "seed"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    t = time.perf_counter()
+    results = run(cfg, cache=args.cache)
+    print(table(results))
+    print(f"total {time.perf_counter() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
