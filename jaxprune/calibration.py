@@ -21,6 +21,7 @@ axis): scanned transformer layers each have their own.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune import tree as jtree
-from jaxprune.layer_order import CALLS, Layers, analyze_layers, sub_jaxpr
+from jaxprune.layer_order import CALLS, Layers, analyze_layers, scan_counts, sub_jaxpr
 from jaxprune.weight_sites import Site, SiteError, find_site, leaf_view, propagate, slice_view
 
 PyTree = Any
@@ -165,7 +166,7 @@ class _Collector:
 
     def scan(self, eqn, vals, views, sub) -> tuple[list, list]:
         p = eqn.params
-        nc, nk = p["num_consts"], p["num_carry"]
+        nc, nk = scan_counts(eqn)
         body = p["jaxpr"]
         consts, init, xs = vals[:nc], list(vals[nc:nc + nk]), list(vals[nc + nk:])
         bviews = (list(views[:nc]) + [None] * nk
@@ -238,6 +239,30 @@ def trace(apply_fn: Callable, variables: PyTree, inputs: tuple, where_name: str)
                          f"{shapes}: {type(e).__name__}: {e}") from e
 
 
+_TRACES: "collections.OrderedDict[Any, tuple[dict, dict]]" = collections.OrderedDict()
+
+
+def _traces_of(apply_fn: Callable, variables: PyTree) -> tuple[dict, dict]:
+    """Traced jaxprs and compiled calibration steps of ``apply_fn`` at these
+    variable shapes, shared by the ``calibrate``/``oneshot`` calls of one
+    process (comparing methods and sparsities re-runs the same passes). Like
+    ``jax.jit``'s cache this assumes ``apply_fn`` is a pure function of its
+    arguments; the 4 most recent models are kept."""
+    leaves, treedef = jax.tree.flatten(variables)
+    key = (apply_fn, treedef, tuple((tuple(np.shape(x)), str(_abstract(x).dtype)) for x in leaves))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable apply_fn: no sharing
+        return {}, {}
+    if key in _TRACES:
+        _TRACES.move_to_end(key)
+    else:
+        _TRACES[key] = ({}, {})
+        while len(_TRACES) > 4:
+            _TRACES.popitem(last=False)
+    return _TRACES[key]
+
+
 class Calibration:
     """A traced model over a list of calibration batches (internal; reused by
     ``jaxprune.oneshot`` for one pass per stage)."""
@@ -251,8 +276,7 @@ class Calibration:
         items = jtree.leaves_with_paths(variables)
         self.paths = [p for p, _ in items]
         self.shapes = [tuple(np.shape(x)) for _, x in items]
-        self._jaxprs: dict[Any, Any] = {}
-        self._steps: dict[Any, Callable] = {}
+        self._jaxprs, self._steps = _traces_of(apply_fn, variables)
         _, closed = self.jaxpr(variables, 0)
         for i in range(1, len(self.batches)):
             self.jaxpr(variables, i)  # every batch must fit the model
@@ -347,7 +371,8 @@ def calibrate(apply_fn: Callable, variables: PyTree, batches: Iterable[Any],
       where: which leaves (``jaxprune.tree`` selector). ``None``: every
         floating leaf with ``ndim >= 2`` that a matmul or convolution uses.
         An explicit selector that names a leaf no matmul uses is an error.
-      gram: also accumulate the Gram matrices (memory: columns² per leaf).
+      gram: also accumulate the Gram matrices (memory: columns² per leaf and
+        per group; select fewer leaves with ``where`` to bound it).
 
     Returns:
       ``{leaf path: LayerStats}`` for the selected leaves.

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 from jaxprune.weight_sites import Site, SiteError, View, find_site, leaf_view, propagate, slice_view
 
-__all__ = ["Layers", "analyze_layers", "CALLS"]
+__all__ = ["Layers", "analyze_layers", "CALLS", "scan_counts"]
 
 # Primitives whose sub-jaxpr runs once, inline: name -> parameter holding it.
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
@@ -39,6 +39,17 @@ def sub_jaxpr(eqn: Any) -> tuple[Any, list]:
     """(jaxpr, consts) of a call-like equation."""
     closed = eqn.params[CALLS[eqn.primitive.name]]
     return getattr(closed, "jaxpr", closed), list(getattr(closed, "consts", []))
+
+
+def scan_counts(eqn: Any) -> tuple[int, int]:
+    """(number of consts, number of carries) of a ``scan`` equation (older JAX:
+    ``num_consts``/``num_carry``; JAX >= 0.12: a flat tree ``ft_in`` of
+    (consts, carry, xs))."""
+    p = eqn.params
+    if "num_consts" in p:
+        return p["num_consts"], p["num_carry"]
+    consts, carry, _ = p["ft_in"].update(list(range(len(eqn.invars)))).unpack()
+    return len(list(consts)), len(list(carry))
 
 
 @dataclasses.dataclass
@@ -131,7 +142,7 @@ class _Walker:
 
     def scan(self, eqn, views, levels, sub, inside) -> list:
         p = eqn.params
-        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        (nc, nk), length = scan_counts(eqn), p["length"]
         body = p["jaxpr"].jaxpr
         consts, carry, xs = (list(range(nc)), list(range(nc, nc + nk)),
                              list(range(nc + nk, len(views))))

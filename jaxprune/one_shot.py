@@ -137,29 +137,33 @@ def _check_nm(path: str, shape: tuple, in_axes: tuple, nm: tuple) -> None:
 
 
 def _warn_hessian(path: str, stats: LayerStats, idx: tuple, damp, dead, percdamp: float) -> None:
+    """Warns (with the λ added) when a layer's Hessian H = 2XXᵀ is singular,
+    and raises if even the largest dampening could not make it factorise."""
     gram = np.asarray(stats.gram[idx], np.float64).reshape(-1, *stats.gram.shape[-2:])
     count = np.asarray(stats.count[idx]).reshape(-1)
     damp, dead = np.asarray(damp).reshape(-1), np.asarray(dead).reshape(-1, gram.shape[-1])
     cols = gram.shape[-1]
     for i in range(gram.shape[0]):
-        mean = 2.0 * float(np.mean(np.diagonal(gram[i])))
+        where = f"'{path}'" + (f" (group {i})" if gram.shape[0] > 1 else "")
+        if not np.isfinite(damp[i]):
+            raise np.linalg.LinAlgError(
+                f"SparseGPT: the Hessian of {where} could not be factorised even with a "
+                f"dampening of 10^8 x percdamp={percdamp} times its mean diagonal")
+        diag = 2.0 * np.diagonal(gram[i])
+        mean = float(np.mean(np.where(dead[i], 1.0, diag)))
         reasons = []
         if dead[i].any():
             reasons.append(f"{int(dead[i].sum())} of {cols} inputs are always 0 "
                            "(their diagonal was set to 1, their weights pruned first)")
         if count[i] < cols:
             reasons.append(f"{int(count[i])} calibration rows for {cols} inputs")
-        if not np.isfinite(damp[i]) or damp[i] > 1.01 * percdamp * max(mean, 1e-30) and mean > 0:
+        if damp[i] > 1.01 * percdamp * mean:
             reasons.append("the Cholesky factorisation failed with the default dampening")
-        if not np.isfinite(damp[i]):
-            raise np.linalg.LinAlgError(f"SparseGPT: the Hessian of '{path}' could not be factorised "
-                                        "even with a dampening of 10^8 x percdamp")
         if reasons:
-            warnings.warn(
-                f"SparseGPT: the Hessian H = 2XXᵀ of '{path}'{' group ' + str(i) if gram.shape[0] > 1 else ''} "
-                f"is singular ({'; '.join(reasons)}); added λ = {damp[i]:.4g} "
-                f"({damp[i] / max(mean, 1e-30):.2%} of its mean diagonal) to the diagonal",
-                RuntimeWarning, stacklevel=3)
+            warnings.warn(f"SparseGPT: the Hessian H = 2XXᵀ of {where} is singular "
+                          f"({'; '.join(reasons)}); added λ = {damp[i]:.4g} "
+                          f"({damp[i] / mean:.2%} of its mean diagonal) to the diagonal",
+                          RuntimeWarning, stacklevel=4)
 
 
 # ------------------------------------------------------------ the entry point
@@ -189,8 +193,10 @@ def oneshot(apply_fn: Callable, variables: PyTree, batches: Iterable[Any],
       where: which leaves (``jaxprune.tree`` selector). ``None``: every
         floating leaf with ``ndim >= 2`` that a matmul or convolution uses.
       sequential: prune stage by stage, the inputs of each stage computed
-        with the earlier stages pruned (``jaxprune.layer_order``); False
-        collects every statistic once from the dense model.
+        with the earlier stages pruned (``jaxprune.layer_order``): one pass
+        over ``batches`` per stage, holding the statistics of that stage's
+        leaves only (a scanned leaf's statistics cover all its slices).
+        False collects every statistic once from the dense model.
       comparison: unstructured selection group: ``"row"`` (exact count per
         output row; Wanda's default) or ``"layer"`` (per layer; magnitude's
         default). SparseGPT selects adaptively per block of 128 columns.
@@ -212,6 +218,9 @@ def oneshot(apply_fn: Callable, variables: PyTree, batches: Iterable[Any],
     if method not in METHODS:
         raise ValueError(f"method={method!r}; expected one of {METHODS}")
     frac, nm = parse_sparsity(sparsity)
+    if comparison is not None and method == "sparsegpt":
+        raise ValueError("comparison= applies to magnitude and wanda; SparseGPT selects its mask "
+                         "per block of columns (blocksize=)")
     comparison = comparison or ("row" if method == "wanda" else "layer")
     if comparison not in ("row", "layer"):
         raise ValueError(f"comparison={comparison!r}; expected 'row' or 'layer'")

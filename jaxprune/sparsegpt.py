@@ -36,7 +36,8 @@ __all__ = ["SparseGPTResult", "sparsegpt", "dampened_inverse_cholesky"]
 
 class SparseGPTResult(NamedTuple):
     """``weights``: the pruned, reconstructed matrix (pruned entries exactly 0);
-    ``mask``: True where kept; ``damp``: the λ added to H's diagonal;
+    ``mask``: True where kept; ``damp``: the λ added to H's diagonal (NaN if
+    H could not be factorised);
     ``dead``: input features that were always 0 (their H diagonal was 0, their
     weights are pruned first); ``loss``: Σ err²/2 per row (the OBS estimate
     of the increase of ‖WX − ŴX‖² / 2, in units of H)."""
@@ -55,7 +56,8 @@ def dampened_inverse_cholesky(h: jax.Array, percdamp: float = 0.01,
     Zero diagonal entries of H (inputs that are always 0) are set to 1 first,
     as in the SparseGPT reference code. λ starts at ``percdamp`` ·
     mean(diag H) and grows tenfold while the factorisation fails (a singular
-    or indefinite H), at most ``max_tries`` times. Returns ``(U, λ, dead)``.
+    or indefinite H), at most ``max_tries`` times. Returns ``(U, λ, dead)``;
+    λ is NaN if every attempt failed.
     """
     n = h.shape[-1]
     diag = jnp.diagonal(h)
@@ -82,7 +84,7 @@ def dampened_inverse_cholesky(h: jax.Array, percdamp: float = 0.01,
         return tries + 1, damp * 10.0, factor(damp * 10.0)
 
     _, damp, u = lax.while_loop(cond, body, (0, base, factor(base)))
-    return u, damp, dead
+    return u, jnp.where(failed(u), jnp.nan, damp), dead
 
 
 def _block_prune_counts(rows: int, cols: int, padded: int, block: int, sparsity: float) -> np.ndarray:

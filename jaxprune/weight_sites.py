@@ -38,20 +38,20 @@ class SiteError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class View:
     """A value that is leaf ``leaf`` re-indexed: element ``i`` of the value is
-    element ``offset + sum(i_k * strides[k])`` of the (row-major) leaf.
-    ``scans`` holds ``(leaf_axis, scan_id, index)`` for each enclosing scan
-    that sliced the leaf (``index`` is None when traced once for all
-    iterations)."""
+    element ``sum(i_k * strides[k])`` of the (row-major) leaf, offset along
+    the axes sliced by enclosing scans. ``scans`` holds ``(leaf_axis,
+    scan_id, index)`` for each such scan (``index`` is None when the body is
+    traced once for all iterations)."""
 
     leaf: int
     leaf_shape: tuple
     shape: tuple
     strides: tuple
-    offset: int = 0
     scans: tuple = ()
 
 
 def leaf_view(k: int, shape: Sequence[int]) -> View:
+    """Leaf ``k`` of ``shape`` as itself."""
     shape = tuple(int(n) for n in shape)
     return View(k, shape, shape, _row_major(shape))
 
@@ -311,14 +311,12 @@ def slice_view(view: Optional[View], scan_id: Any, index: Optional[int]) -> Opti
     if view is None:
         return None
     hit = _touched(view.shape[0], view.strides[0], view.leaf_shape)
-    if not hit:  # the leaf does not vary along the scan: the same weight each step
-        return View(view.leaf, view.leaf_shape, view.shape[1:], view.strides[1:], view.offset,
-                    view.scans)
-    if hit is None or len(hit) != 1:
+    if hit is None or len(hit) > 1:
         return None
+    if not hit:  # the leaf does not vary along the scan: the same weight each step
+        return View(view.leaf, view.leaf_shape, view.shape[1:], view.strides[1:], view.scans)
     (axis,) = hit
     if view.strides[0] != _row_major(view.leaf_shape)[axis] or view.shape[0] != view.leaf_shape[axis]:
         return None
-    offset = view.offset + (index or 0) * view.strides[0]
-    return View(view.leaf, view.leaf_shape, view.shape[1:], view.strides[1:], offset,
+    return View(view.leaf, view.leaf_shape, view.shape[1:], view.strides[1:],
                 view.scans + ((axis, scan_id, index),))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 import warnings
 
 import jax
@@ -20,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _load(relpath, name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -211,12 +213,26 @@ def test_bad_arguments_are_named():
         jaxprune.oneshot(layer, v, [jnp.ones((2, 5))], "wanda")
 
 
+def test_readme_one_shot_block_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(ROOT) / "README.md").read_text().split("## One-shot pruning after training")[1]
+    namespace = {"__name__": "__readme__"}
+    exec(compile(re.findall(r"```python\n(.*?)```", text, re.S)[0], "README.md[one-shot]", "exec"), namespace)
+    assert float(jaxprune.sparsity(namespace["masks"])) == 0.5
+    assert namespace["small"].variables["fc1"]["kernel"].shape == (64, 128)
+
+
 @pytest.mark.slow
 def test_language_model_perplexity_ordering():
     """dense < SparseGPT <~ Wanda < magnitude at 50% and 2:4 (the papers'
-    ordering), on the example's small byte-level transformer."""
+    ordering), on the example's byte-level transformer. Its training is cached
+    in $JAXPRUNE_CACHE (default ~/.cache/jaxprune): the first run trains it
+    (about 1-2 minutes), later runs only prune and evaluate."""
     example = _load("examples/oneshot_lm.py", "oneshot_lm")
-    results = example.run(example.TEST, log=lambda *a: None)
+    cache = os.environ.get("JAXPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxprune"))
+    results = example.run(example.TEST, log=lambda *a: None, cache=cache)
     for s in (0.5, "2:4"):
         dense, mag, wanda, sgpt = (results["dense"], results[("magnitude", s)],
                                    results[("wanda", s)], results[("sparsegpt", s)])
