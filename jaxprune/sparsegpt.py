@@ -146,19 +146,27 @@ def sparsegpt(weights: jax.Array, gram: jax.Array, *, sparsity: float = 0.5,
     counts = jnp.asarray(_block_prune_counts(rows, cols, padded, block, sparsity)
                          if nm is None else np.zeros(padded // block, np.int32))
 
-    def columns(j0, ncols, w1, keep1, hb, err1, loss):
-        """OBS steps for columns j0 .. j0+ncols of the block."""
+    def columns(w1, keep1, hb, d2, loss):
+        """OBS steps for the block's columns, left to right; with N:M the mask
+        of each group of m columns is chosen when its first column is reached,
+        from the weights as updated so far."""
         def one(j, carry):
-            w1, err1, loss = carry
+            w1, keep1, err1, loss = carry
+            if nm is not None:
+                g0 = j - j % m
+                score = (jnp.square(lax.dynamic_slice_in_dim(w1, g0, m, 1))
+                         / lax.dynamic_slice_in_dim(d2, g0, m)[None, :])
+                chosen = mask_lib.n_of_m({"s": score}, n, m, axis=1, where=lambda *_: True)["s"]
+                old = lax.dynamic_slice_in_dim(keep1, g0, m, 1)
+                keep1 = lax.dynamic_update_slice_in_dim(keep1, jnp.where(j % m == 0, chosen, old), g0, 1)
             col = lax.dynamic_index_in_dim(w1, j, 1, keepdims=False)
             q = jnp.where(lax.dynamic_index_in_dim(keep1, j, 1, keepdims=False), col, 0.0)
-            d = hb[j, j]
-            err = (col - q) / d
+            err = (col - q) / hb[j, j]
             w1 = w1 - err[:, None] * lax.dynamic_index_in_dim(hb, j, 0, keepdims=True)
             w1 = lax.dynamic_update_index_in_dim(w1, q, j, 1)
             err1 = lax.dynamic_update_index_in_dim(err1, err, j, 1)
-            return w1, err1, loss + err * err / 2
-        return lax.fori_loop(j0, j0 + ncols, one, (w1, err1, loss))
+            return w1, keep1, err1, loss + err * err / 2
+        return lax.fori_loop(0, block, one, (w1, keep1, jnp.zeros_like(w1), loss))
 
     def one_block(b, carry):
         w, keep, loss = carry
@@ -167,28 +175,14 @@ def sparsegpt(weights: jax.Array, gram: jax.Array, *, sparsity: float = 0.5,
         hrows = lax.dynamic_slice_in_dim(u, i1, block, 0)
         hb = lax.dynamic_slice_in_dim(hrows, i1, block, 1)
         d2 = jnp.square(jnp.diagonal(hb))
-        ok = lax.dynamic_slice_in_dim(valid, i1, block)
-        err1 = jnp.zeros_like(w1)
-        if nm is None:
+        if nm is None:  # adaptive mask of the whole block, from the weights updated so far
+            ok = lax.dynamic_slice_in_dim(valid, i1, block)
             score = jnp.square(w1) / d2[None, :]
-            pruned = threshold.lowest([score], counts[b],
+            keep1 = ~threshold.lowest([score], counts[b],
                                       kept=[jnp.broadcast_to(ok[None, :], score.shape)])[0]
-            keep1 = ~pruned
-            w1, err1, loss = columns(0, block, w1, keep1, hb, err1, loss)
         else:
-            keep1 = jnp.zeros(w1.shape, bool)
-
-            def group(g, carry):
-                w1, keep1, err1, loss = carry
-                j0 = g * m
-                sub = lax.dynamic_slice_in_dim(w1, j0, m, 1)
-                score = jnp.square(sub) / lax.dynamic_slice_in_dim(d2, j0, m)[None, :]
-                kg = mask_lib.n_of_m({"s": score}, n, m, axis=1, where=lambda *_: True)["s"]
-                keep1 = lax.dynamic_update_slice_in_dim(keep1, kg, j0, 1)
-                w1, err1, loss = columns(j0, m, w1, keep1, hb, err1, loss)
-                return w1, keep1, err1, loss
-
-            w1, keep1, err1, loss = lax.fori_loop(0, block // m, group, (w1, keep1, err1, loss))
+            keep1 = jnp.ones(w1.shape, bool)
+        w1, keep1, err1, loss = columns(w1, keep1, hb, d2, loss)
         # Lazy update of every later column at once (U is upper triangular, so
         # earlier columns are untouched; this block is overwritten next).
         w = w - jnp.matmul(err1, hrows, precision=lax.Precision.HIGHEST)
