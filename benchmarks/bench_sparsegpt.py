@@ -34,9 +34,11 @@ def sparsegpt_numpy(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.5, nm=N
     w[:, dead] = 0.0
     damp = percdamp * np.mean(np.diag(h))
     h[np.diag_indices(cols)] += damp
-    low = scipy.linalg.cholesky(h, lower=True)
-    hinv = scipy.linalg.cho_solve((low, True), np.eye(cols, dtype=np.float32))
-    u = scipy.linalg.cholesky(hinv, lower=False).astype(np.float32)
+    # Upper Cholesky factor of H⁻¹ as jaxprune computes it: one Cholesky of the
+    # flipped H and one triangular inverse (U = P L⁻¹ P with PHP = LLᵀ).
+    low = scipy.linalg.cholesky(h[::-1, ::-1], lower=True)
+    u = scipy.linalg.solve_triangular(low, np.eye(cols, dtype=np.float32), lower=True)[::-1, ::-1]
+    u = np.ascontiguousarray(u, np.float32)
     keep = np.ones_like(w, bool)
     done = 0
     for i1 in range(0, cols, blocksize):

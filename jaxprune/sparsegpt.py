@@ -21,7 +21,7 @@ inside it over columns; rows are vectorised.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,10 @@ def dampened_inverse_cholesky(h: jax.Array, percdamp: float = 0.01,
     mean(diag H) and grows tenfold while the factorisation fails (a singular
     or indefinite H), at most ``max_tries`` times. Returns ``(U, λ, dead)``;
     λ is NaN if every attempt failed.
+
+    U comes from one Cholesky factorisation and one triangular inverse: with
+    P the exchange matrix and PHP = L Lᵀ, H = R Rᵀ for the upper triangular
+    R = PLP, so H⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹ = P L⁻¹ P.
     """
     n = h.shape[-1]
     diag = jnp.diagonal(h)
@@ -68,9 +72,9 @@ def dampened_inverse_cholesky(h: jax.Array, percdamp: float = 0.01,
     eye = jnp.eye(n, dtype=h.dtype)
 
     def factor(damp):
-        lower = jnp.linalg.cholesky(h + damp * eye)
-        inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-        return jnp.linalg.cholesky(inv).T
+        lower = jnp.linalg.cholesky((h + damp * eye)[::-1, ::-1])
+        inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+        return inv[::-1, ::-1]
 
     def failed(u):
         return ~jnp.all(jnp.isfinite(u)) | ~jnp.all(jnp.diagonal(u) > 0)
@@ -135,62 +139,85 @@ def sparsegpt(weights: jax.Array, gram: jax.Array, *, sparsity: float = 0.5,
         blocksize = max(m, blocksize // m * m)
     block = min(blocksize, cols)
     padded = -(-cols // block) * block
-    w = weights.astype(jnp.float32)
     h = 2.0 * gram.astype(jnp.float32)
     u, damp, dead = dampened_inverse_cholesky(h, percdamp)
-    w = jnp.where(dead[None, :], 0.0, w)
     pad = padded - cols
-    w = jnp.pad(w, ((0, 0), (0, pad)))
+    # Columns are rows of the transposed weights here: a column step reads and
+    # writes contiguous memory.
+    wt = jnp.pad(jnp.where(dead[:, None], 0.0, weights.astype(jnp.float32).T), ((0, pad), (0, 0)))
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(padded) >= cols).astype(jnp.float32)
     valid = jnp.arange(padded) < cols
     counts = jnp.asarray(_block_prune_counts(rows, cols, padded, block, sparsity)
                          if nm is None else np.zeros(padded // block, np.int32))
 
-    def columns(w1, keep1, hb, d2, loss):
-        """OBS steps for the block's columns, left to right; with N:M the mask
-        of each group of m columns is chosen when its first column is reached,
-        from the weights as updated so far."""
+    # Two levels of lazy updates: column steps touch only a sub-block of
+    # ``sub`` columns; each finished sub-block updates the rest of its block in
+    # one matmul, each finished block the rest of the matrix.
+    limit = min(block, 16 if nm is None else max(16, m))
+    sub = max(d for d in range(1, limit + 1) if block % d == 0 and (nm is None or d % m == 0))
+
+    def columns(w1, keep1, hb, d2):
+        """OBS steps for the columns (rows of ``w1``) of one sub-block, left
+        to right; with N:M the mask of each group of m columns is chosen when
+        its first column is reached, from the weights as updated so far."""
         def one(j, carry):
             w1, keep1, err1, loss = carry
             if nm is not None:
                 g0 = j - j % m
-                score = (jnp.square(lax.dynamic_slice_in_dim(w1, g0, m, 1))
-                         / lax.dynamic_slice_in_dim(d2, g0, m)[None, :])
-                chosen = mask_lib.n_of_m({"s": score}, n, m, axis=1, where=lambda *_: True)["s"]
-                old = lax.dynamic_slice_in_dim(keep1, g0, m, 1)
-                keep1 = lax.dynamic_update_slice_in_dim(keep1, jnp.where(j % m == 0, chosen, old), g0, 1)
-            col = lax.dynamic_index_in_dim(w1, j, 1, keepdims=False)
-            q = jnp.where(lax.dynamic_index_in_dim(keep1, j, 1, keepdims=False), col, 0.0)
+                score = (jnp.square(lax.dynamic_slice_in_dim(w1, g0, m, 0))
+                         / lax.dynamic_slice_in_dim(d2, g0, m)[:, None])
+                chosen = mask_lib.n_of_m({"s": score}, n, m, axis=0, where=lambda *_: True)["s"]
+                old = lax.dynamic_slice_in_dim(keep1, g0, m, 0)
+                keep1 = lax.dynamic_update_slice_in_dim(keep1, jnp.where(j % m == 0, chosen, old), g0, 0)
+            col = lax.dynamic_index_in_dim(w1, j, 0, keepdims=False)
+            q = jnp.where(lax.dynamic_index_in_dim(keep1, j, 0, keepdims=False), col, 0.0)
             err = (col - q) / hb[j, j]
-            w1 = w1 - err[:, None] * lax.dynamic_index_in_dim(hb, j, 0, keepdims=True)
-            w1 = lax.dynamic_update_index_in_dim(w1, q, j, 1)
-            err1 = lax.dynamic_update_index_in_dim(err1, err, j, 1)
+            w1 = w1 - lax.dynamic_index_in_dim(hb, j, 0, keepdims=False)[:, None] * err[None, :]
+            w1 = lax.dynamic_update_index_in_dim(w1, q, j, 0)
+            err1 = lax.dynamic_update_index_in_dim(err1, err, j, 0)
             return w1, keep1, err1, loss + err * err / 2
-        return lax.fori_loop(0, block, one, (w1, keep1, jnp.zeros_like(w1), loss))
+        return lax.fori_loop(0, w1.shape[0], one,
+                             (w1, keep1, jnp.zeros_like(w1), jnp.zeros(rows, jnp.float32)))
+
+    def sub_block(s, carry):
+        w1, keep1, err1, hb, d2, loss = carry
+        j0 = s * sub
+        hs = lax.dynamic_slice_in_dim(hb, j0, sub, 0)
+        ws, ks, es, ls = columns(lax.dynamic_slice_in_dim(w1, j0, sub, 0),
+                                 lax.dynamic_slice_in_dim(keep1, j0, sub, 0),
+                                 lax.dynamic_slice_in_dim(hs, j0, sub, 1),
+                                 lax.dynamic_slice_in_dim(d2, j0, sub))
+        w1 = w1 - jnp.matmul(hs.T, es, precision=lax.Precision.HIGHEST)
+        w1 = lax.dynamic_update_slice_in_dim(w1, ws, j0, 0)
+        keep1 = lax.dynamic_update_slice_in_dim(keep1, ks, j0, 0)
+        err1 = lax.dynamic_update_slice_in_dim(err1, es, j0, 0)
+        return w1, keep1, err1, hb, d2, loss + ls
 
     def one_block(b, carry):
-        w, keep, loss = carry
+        wt, keept, loss = carry
         i1 = b * block
-        w1 = lax.dynamic_slice_in_dim(w, i1, block, 1)
+        w1 = lax.dynamic_slice_in_dim(wt, i1, block, 0)
         hrows = lax.dynamic_slice_in_dim(u, i1, block, 0)
         hb = lax.dynamic_slice_in_dim(hrows, i1, block, 1)
         d2 = jnp.square(jnp.diagonal(hb))
         if nm is None:  # adaptive mask of the whole block, from the weights updated so far
             ok = lax.dynamic_slice_in_dim(valid, i1, block)
-            score = jnp.square(w1) / d2[None, :]
+            score = jnp.square(w1.T) / d2[None, :]  # (rows, block): ties go by row-major index
             keep1 = ~threshold.lowest([score], counts[b],
-                                      kept=[jnp.broadcast_to(ok[None, :], score.shape)])[0]
+                                      kept=[jnp.broadcast_to(ok[None, :], score.shape)])[0].T
         else:
             keep1 = jnp.ones(w1.shape, bool)
-        w1, keep1, err1, loss = columns(w1, keep1, hb, d2, loss)
+        w1, keep1, err1, _, _, loss = lax.fori_loop(
+            0, block // sub, sub_block, (w1, keep1, jnp.zeros_like(w1), hb, d2, loss))
         # Lazy update of every later column at once (U is upper triangular, so
         # earlier columns are untouched; this block is overwritten next).
-        w = w - jnp.matmul(err1, hrows, precision=lax.Precision.HIGHEST)
-        w = lax.dynamic_update_slice_in_dim(w, w1, i1, 1)
-        keep = lax.dynamic_update_slice_in_dim(keep, keep1, i1, 1)
-        return w, keep, loss
+        wt = wt - jnp.matmul(hrows.T, err1, precision=lax.Precision.HIGHEST)
+        wt = lax.dynamic_update_slice_in_dim(wt, w1, i1, 0)
+        keept = lax.dynamic_update_slice_in_dim(keept, keep1, i1, 0)
+        return wt, keept, loss
 
-    w, keep, loss = lax.fori_loop(0, padded // block, one_block,
-                                  (w, jnp.zeros(w.shape, bool), jnp.zeros(rows, jnp.float32)))
+    wt, keept, loss = lax.fori_loop(0, padded // block, one_block,
+                                    (wt, jnp.zeros(wt.shape, bool), jnp.zeros(rows, jnp.float32)))
+    w, keep = wt.T, keept.T
     keep = keep[:, :cols]
     return SparseGPTResult(jnp.where(keep, w[:, :cols], 0.0), keep, damp, dead, loss)

@@ -3,7 +3,6 @@
 import importlib.util
 import os
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +165,19 @@ def test_scanned_layers_are_pruned_one_slice_at_a_time():
         np.testing.assert_array_equal(keep[layer_i], ref_keep)
         np.testing.assert_allclose(pruned["W"][layer_i], ref_w, rtol=2e-3, atol=2e-3)
         c = np.tanh(c @ ref_w.T)
+
+
+def test_nnx_model_prunes_like_the_plain_function(correlated):
+    from flax import nnx
+
+    v, x = correlated
+    graphdef, state = nnx.split(nnx.Linear(IN, OUT, use_bias=False, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda _: v["w"], state)  # the same kernel as `layer`'s
+    pruned, masks = jaxprune.oneshot(lambda s, a: nnx.merge(graphdef, s)(a), state, [x], "wanda", "2:4")
+    ref = jaxprune.oneshot(layer, v, [x], "wanda", "2:4")
+    assert jaxprune.tree.paths(masks) == ["kernel"]
+    np.testing.assert_array_equal(jax.tree.leaves(masks)[0], ref.masks["w"])
+    np.testing.assert_array_equal(jax.tree.leaves(pruned)[0], ref.variables["w"])
 
 
 def test_bf16_model_keeps_its_dtype_and_exact_zeros():
