@@ -27,8 +27,9 @@ def _load(relpath, name):
 
 bench = _load("benchmarks/bench_sparsegpt.py", "bench_sparsegpt")
 
-# One layer y = x @ W with W of shape (in=32, out=16), used by most tests (one compile per method).
-IN, OUT = 32, 16
+# One layer y = x @ W with W of shape (in=32, out=32), used by most tests and, stacked, by the
+# scanned one (one compile per method and sparsity).
+IN, OUT = 32, 32
 
 
 def layer(v, x):
@@ -103,11 +104,11 @@ def test_n_of_m_structure_is_exact_along_the_input_axis(correlated, method, spar
 
 def test_unstructured_counts_are_exact_per_comparison_group(correlated):
     v, x = correlated
-    s = 0.3  # 0.3 * 32 = 9.6 per row -> 10; 0.3 * 512 = 153.6 per layer -> 154
+    s = 0.3  # 0.3 * 32 = 9.6 per row -> 10; 0.3 * 1024 = 307.2 per layer -> 307
     per_row = jaxprune.oneshot(layer, v, [x], "wanda", s).masks["w"]
     np.testing.assert_array_equal(np.asarray(per_row).sum(axis=0), IN - 10)
     keep = jaxprune.oneshot(layer, v, [x], "magnitude", s).masks["w"]
-    assert int(np.asarray(keep).sum()) == IN * OUT - 154
+    assert int(np.asarray(keep).sum()) == IN * OUT - 307
 
 
 def test_n_of_m_on_an_axis_that_does_not_divide_names_the_leaf():
@@ -149,8 +150,7 @@ def test_sequential_mode_computes_inputs_with_earlier_layers_pruned():
 
 
 def test_scanned_layers_are_pruned_one_slice_at_a_time():
-    stack = jax.random.normal(jax.random.key(0), (3, OUT, IN)) / 4  # (layer, out, in)
-    stack = jnp.concatenate([stack, stack], axis=1)[:, :IN]  # square layers (32, 32)
+    stack = jax.random.normal(jax.random.key(0), (3, OUT, IN)) / 4  # (layer, out, in), square
 
     def f(v, x):
         return jax.lax.scan(lambda c, wl: (jnp.tanh(c @ wl.T), None), x, v["W"])[0]
@@ -223,6 +223,8 @@ def test_bad_arguments_are_named():
         jaxprune.oneshot(layer, v, [x], "wanda", "2-4")
     with pytest.raises(ValueError, match=r"batches\[0\]"):
         jaxprune.oneshot(layer, v, [jnp.ones((2, 5))], "wanda")
+    with pytest.raises(ValueError, match="comparison= applies to magnitude and wanda"):
+        jaxprune.oneshot(layer, v, [x], "sparsegpt", comparison="row")
 
 
 def test_readme_one_shot_block_runs():
@@ -231,9 +233,11 @@ def test_readme_one_shot_block_runs():
 
     text = (pathlib.Path(ROOT) / "README.md").read_text().split("## One-shot pruning after training")[1]
     namespace = {"__name__": "__readme__"}
-    exec(compile(re.findall(r"```python\n(.*?)```", text, re.S)[0], "README.md[one-shot]", "exec"), namespace)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    exec(compile(blocks[0], "README.md[one-shot]", "exec"), namespace)
     assert float(jaxprune.sparsity(namespace["masks"])) == 0.5
-    assert namespace["small"].variables["fc1"]["kernel"].shape == (64, 128)
+    exec(compile(blocks[1], "README.md[one-shot structured]", "exec"), namespace)
+    assert namespace["small"].variables["fc1"]["kernel"].shape == (64, 32)
 
 
 @pytest.mark.slow
