@@ -174,10 +174,17 @@ def trained(cfg: Config, train_data: np.ndarray, cache: Optional[str], log=print
     return model, variables
 
 
-def run(cfg: Config, methods=("magnitude", "wanda", "sparsegpt"), sparsities=(0.5, "2:4"),
-        log=print, cache: Optional[str] = None) -> dict:
+# (method, comparison group of unstructured masks): the papers' defaults, and each
+# of magnitude and Wanda in the other's group too. N:M groups are the same for all.
+METHODS = (("magnitude", "layer"), ("magnitude", "row"), ("wanda", "row"), ("wanda", "layer"),
+           ("sparsegpt", None))
+SPARSITIES = (0.5, "2:4")
+
+
+def run(cfg: Config, methods=METHODS, sparsities=SPARSITIES, log=print,
+        cache: Optional[str] = None) -> dict:
     """Trains (or loads from ``cache``), prunes and evaluates; returns
-    {"dense": ppl, (method, sparsity): ppl}."""
+    {"dense": ppl, (method, comparison, sparsity): ppl}."""
     import jaxprune
 
     train_data, val_data = corpus(cfg.corpus_bytes)
@@ -189,21 +196,26 @@ def run(cfg: Config, methods=("magnitude", "wanda", "sparsegpt"), sparsities=(0.
     results = {"dense": perplexity(model, variables, val)}
     log(f"dense perplexity {results['dense']:.3f}")
     for sparsity in sparsities:
-        for method in methods:
+        for method, comparison in methods:
+            if isinstance(sparsity, str) and comparison not in (None, DEFAULT[method]):
+                continue  # N:M: the comparison group is each group of m inputs
             t = time.perf_counter()
             pruned, masks = jaxprune.oneshot(model.apply, variables, batches, method=method,
-                                             sparsity=sparsity, where=WHERE)
-            results[(method, sparsity)] = perplexity(model, pruned, val)
-            log(f"{method:>9} {str(sparsity):>4}: perplexity {results[(method, sparsity)]:.3f}  "
+                                             sparsity=sparsity, where=WHERE, comparison=comparison)
+            ppl = results[(method, comparison, sparsity)] = perplexity(model, pruned, val)
+            log(f"{method:>9} {comparison or '':>5} {str(sparsity):>4}: perplexity {ppl:.3f}  "
                 f"(sparsity {float(jaxprune.sparsity(masks)):.3f}, {time.perf_counter() - t:.1f} s)")
     return results
 
 
-def table(results: dict, sparsities=(0.5, "2:4"), methods=("magnitude", "wanda", "sparsegpt")) -> str:
-    lines = ["| sparsity | dense | " + " | ".join(methods) + " |",
-             "|---|---|" + "---|" * len(methods)]
+DEFAULT = {"magnitude": "layer", "wanda": "row", "sparsegpt": None}
+
+
+def table(results: dict, methods=METHODS, sparsities=SPARSITIES) -> str:
+    names = [f"{m} (per {c})" if c else m for m, c in methods]
+    lines = ["| sparsity | dense | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(methods)]
     for s in sparsities:
-        cells = [f"{results[(m, s)]:.3f}" for m in methods]
+        cells = [f"{results[(m, c, s)]:.3f}" if (m, c, s) in results else "=" for m, c in methods]
         label = "50% unstructured" if s == 0.5 else str(s)
         lines.append(f"| {label} | {results['dense']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -243,14 +243,19 @@ def test_readme_one_shot_block_runs():
 @pytest.mark.slow
 def test_language_model_perplexity_ordering():
     """dense < SparseGPT <~ Wanda < magnitude at 50% and 2:4 (the papers'
-    ordering), on the example's byte-level transformer. Its training is cached
-    in $JAXPRUNE_CACHE (default ~/.cache/jaxprune): the first run trains it
-    (about 1-2 minutes), later runs only prune and evaluate."""
+    ordering), on the example's byte-level transformer. At 50% Wanda and
+    magnitude are compared within the same group (per layer, and per output
+    row): at this scale Wanda's per-row default is not always better than a
+    per-layer magnitude threshold (no LLM outlier features). The training is
+    cached in $JAXPRUNE_CACHE (default ~/.cache/jaxprune): the first run
+    trains (about 1-2 minutes), later runs only prune and evaluate."""
     example = _load("examples/oneshot_lm.py", "oneshot_lm")
     cache = os.environ.get("JAXPRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxprune"))
-    results = example.run(example.TEST, log=lambda *a: None, cache=cache)
-    for s in (0.5, "2:4"):
-        dense, mag, wanda, sgpt = (results["dense"], results[("magnitude", s)],
-                                   results[("wanda", s)], results[("sparsegpt", s)])
-        assert dense < sgpt < mag and dense < wanda < mag, results
-        assert sgpt < wanda * 1.02, results
+    r = example.run(example.TEST, log=lambda *a: None, cache=cache)
+    dense = r["dense"]
+    # 2:4 (the same groups of 4 inputs for every method), the papers' defaults:
+    mag, wanda, sgpt = (r[(m, c, "2:4")] for m, c in example.METHODS if c == example.DEFAULT[m])
+    assert dense < sgpt < wanda < mag, r
+    # 50%: SparseGPT first; Wanda below magnitude within the same comparison group.
+    for c in ("layer", "row"):
+        assert dense < r[("sparsegpt", None, 0.5)] < r[("wanda", c, 0.5)] < r[("magnitude", c, 0.5)], r
