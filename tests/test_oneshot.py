@@ -194,7 +194,9 @@ def test_bf16_model_keeps_its_dtype_and_exact_zeros():
 def test_activation_aware_structured_pruning_keeps_the_loud_channel():
     # Hidden unit 0 alone sees a loud input feature and has small outgoing
     # weights: L2 magnitude removes it; activation-aware importance (Wanda's
-    # structured variant) keeps it, and the shrunk model is closer to the dense one.
+    # structured variant) keeps it, and the pruned model is closer to the dense one.
+    from jaxprune.structured import plan_for, zero_removed
+
     params = mlp_init(0, [8, 8, 4])
     params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[0].set(0.0).at[0, 0].set(1.0)
     params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[0].multiply(0.05)
@@ -207,11 +209,41 @@ def test_activation_aware_structured_pruning_keeps_the_loud_channel():
     expected = np.linalg.norm(params["Dense_1"]["kernel"], axis=1) * np.linalg.norm(hidden, axis=0)
     leaves = dict(jaxprune.tree.leaves_with_paths(params))
     np.testing.assert_allclose(importance(group, leaves, None), expected, rtol=1e-4)
-    by_act = jaxprune.structured.prune_channels(mlp_apply, params, x, sparsity=0.5, importance=importance)
-    by_l2 = jaxprune.structured.prune_channels(mlp_apply, params, x, sparsity=0.5, importance="l2")
-    assert 0 in by_act.plan["groups"][0]["keep"] and 0 not in by_l2.plan["groups"][0]["keep"]
-    err = lambda r: float(jnp.linalg.norm(r.apply(r.variables, x) - mlp_apply(params, x)))
+    by_act = plan_for(mlp_apply, params, x, sparsity=0.5, importance=importance)
+    by_l2 = plan_for(mlp_apply, params, x, sparsity=0.5, importance="l2")
+    assert 0 in by_act["groups"][0]["keep"] and 0 not in by_l2["groups"][0]["keep"]
+    forward = jax.jit(mlp_apply)
+    err = lambda plan: float(jnp.linalg.norm(forward(zero_removed(params, plan), x) - forward(params, x)))
     assert err(by_act) < err(by_l2)
+
+
+def test_activation_importance_removes_attention_heads_for_real():
+    import flax.linen as nn
+    from jaxprune.structured import zero_removed
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.MultiHeadDotProductAttention(num_heads=4, use_bias=False)(x)
+
+    block = Block()
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    v = jax.jit(block.init)(jax.random.key(1), x)  # one compile, not one per init op
+    stats = jaxprune.calibrate(block.apply, v, [x], gram=False)
+    out = "params/MultiHeadDotProductAttention_0/out/kernel"  # (heads, head_dim, d): inputs (0, 1)
+    w = np.asarray(v["params"]["MultiHeadDotProductAttention_0"]["out"]["kernel"])
+    per_column = np.linalg.norm(w, axis=2) * np.sqrt(np.asarray(stats[out].sq_norm)).reshape(4, 4)
+    head_group = next(g for g in jaxprune.structured.groups(block.apply, v, x) if (out, 0) in g.members)
+    leaves = dict(jaxprune.tree.leaves_with_paths(v))
+    np.testing.assert_allclose(activation_importance(stats)(head_group, leaves, None),
+                               per_column.sum(axis=1), rtol=1e-5)
+    head_dim = lambda g: any(p.endswith(("query/kernel", "key/kernel")) and a == 2 for p, a in g.members)
+    r = jaxprune.structured.prune_channels(block, v, x, sparsity=0.5, ignore=head_dim,
+                                           importance=activation_importance(stats))
+    q = r.variables["params"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+    assert q.shape == (16, 2, 4)  # two whole heads removed
+    np.testing.assert_allclose(r.module.apply(r.variables, x), block.apply(zero_removed(v, r.plan), x),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_are_named():
@@ -237,7 +269,7 @@ def test_readme_one_shot_block_runs():
     exec(compile(blocks[0], "README.md[one-shot]", "exec"), namespace)
     assert float(jaxprune.sparsity(namespace["masks"])) == 0.5
     exec(compile(blocks[1], "README.md[one-shot structured]", "exec"), namespace)
-    assert namespace["small"].variables["fc1"]["kernel"].shape == (64, 32)
+    assert namespace["small"].variables["fc1"]["kernel"].shape == (32, 16)
 
 
 @pytest.mark.slow
