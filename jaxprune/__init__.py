@@ -22,6 +22,8 @@ Three parts, each usable alone:
 from jaxprune import (allocation, criteria, data, distributed, lottery, masks, schedules, scores, sparse_training,
                       structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
+from jaxprune.calibration import calibrate
+from jaxprune.one_shot import oneshot
 from jaxprune.report import summary
 from jaxprune.sparse_training import (fixed_masks, rigl, sparse_evolutionary, static_sparse, ste,
                                       ste_apply)
@@ -45,6 +47,7 @@ __all__ = [
     "PrunedState",
     "allocation",
     "apply_masks",
+    "calibrate",
     "criteria",
     "checkpoint",
     "data",
@@ -52,6 +55,7 @@ __all__ = [
     "fixed_masks",
     "lottery",
     "masks_of",
+    "oneshot",
     "prune",
     "pruned",
     "rigl",
