@@ -5,8 +5,8 @@ model without retraining and without any change to its code: the weights to
 prune and the inputs that meet them are found in the jaxpr of
 ``apply_fn(variables, *batch)`` (``jaxprune.calibration``).
 
-* ``"magnitude"``: |W| (Han et al. 2015), compared within each layer.
-* ``"wanda"``: |W_ij|·‖X_j‖₂, compared within each output row (Sun et al.
+* ``"magnitude"``: ``|W|`` (Han et al. 2015), compared within each layer.
+* ``"wanda"``: ``|W_ij|·‖X_j‖₂``, compared within each output row (Sun et al.
   2023, "A Simple and Effective Pruning Approach for Large Language Models",
   arXiv 2306.11695).
 * ``"sparsegpt"``: layer-wise Optimal Brain Surgeon with weight
@@ -44,6 +44,7 @@ PyTree = Any
 
 __all__ = ["OneShotResult", "oneshot", "METHODS", "parse_sparsity", "activation_importance"]
 
+#: The one-shot methods of ``oneshot``.
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -174,8 +175,8 @@ def oneshot(apply_fn: Callable, variables: PyTree, batches: Iterable[Any],
             percdamp: float = 0.01) -> OneShotResult:
     """Prunes a trained model in one shot from calibration data.
 
-    Methods: ``"magnitude"`` (|W|, Han et al. 2015), ``"wanda"``
-    (|W_ij|·‖X_j‖₂, Sun et al. 2023, arXiv 2306.11695) and ``"sparsegpt"``
+    Methods: ``"magnitude"`` (``|W|``, Han et al. 2015), ``"wanda"``
+    (``|W_ij|·‖X_j‖₂``, Sun et al. 2023, arXiv 2306.11695) and ``"sparsegpt"``
     (OBS with reconstruction, Frantar & Alistarh 2023, arXiv 2301.00774).
     Every weight that a ``dot_general`` or ``conv_general_dilated`` of
     ``apply_fn`` multiplies is read as a (rows = outputs, columns = inputs)

@@ -99,6 +99,10 @@ assert logits.shape == (8, 10)
 for k in jax.tree.leaves(jaxprune.masks_of(state)):   # STE masks are 2:4 along axis 0
     assert (k.reshape(-1, 4, k.shape[1]).sum(axis=1) == 2).all()
 """,
+    'jaxprune.oneshot(mlp, variables, batches, method="sparsegpt", sparsity="2:4")': """
+assert float(jaxprune.sparsity(masks)) == 0.5
+assert small.variables["fc1"]["kernel"].shape == (32, 16)
+""",
     "result = jaxprune.structured.prune_channels(model, variables, x": """
 assert result.variables["params"]["Dense_0"]["kernel"].shape == (32, 32)
 assert result.params_after < result.params_before

@@ -259,19 +259,6 @@ def test_bad_arguments_are_named():
         jaxprune.oneshot(layer, v, [x], "sparsegpt", comparison="row")
 
 
-def test_readme_one_shot_block_runs():
-    import pathlib
-    import re
-
-    text = (pathlib.Path(ROOT) / "README.md").read_text().split("## One-shot pruning after training")[1]
-    namespace = {"__name__": "__readme__"}
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    exec(compile(blocks[0], "README.md[one-shot]", "exec"), namespace)
-    assert float(jaxprune.sparsity(namespace["masks"])) == 0.5
-    exec(compile(blocks[1], "README.md[one-shot structured]", "exec"), namespace)
-    assert namespace["small"].variables["fc1"]["kernel"].shape == (32, 16)
-
-
 @pytest.mark.slow
 def test_language_model_perplexity_ordering():
     """dense < SparseGPT <~ Wanda < magnitude at 50% and 2:4 (the papers'
