@@ -228,3 +228,21 @@ def mlp_accuracy(params: dict, data: Split) -> float:
 
 
 _mlp_logits = jax.jit(mlp_apply)
+
+
+def compare_latency(calls: dict, repeats: int, rounds: int = 5) -> tuple[dict, dict]:
+    """``{name: (fn, args)}`` -> (median seconds per call, compiled functions).
+
+    Each function is compiled once; ``jaxprune.report.latency`` then times
+    them in interleaved rounds, so that load on a shared machine hits every
+    model alike and the ratios stay fair.
+    """
+    from jaxprune.report import latency
+    compiled = {k: jax.jit(f).lower(*a).compile() for k, (f, a) in calls.items()}
+    times: dict = {k: [] for k in calls}
+    rounds = max(1, min(rounds, repeats))
+    for _ in range(rounds):
+        for k, (_, a) in calls.items():
+            times[k] += latency(compiled[k], *a, warmup=1,
+                                repeats=max(repeats // rounds, 1)).times
+    return {k: float(np.median(t)) for k, t in times.items()}, compiled

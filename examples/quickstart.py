@@ -35,7 +35,7 @@ import optax
 
 import jaxprune
 from jaxprune import checkpoint
-from jaxprune.report import flops, latency, sparse_flops
+from jaxprune.report import flops, sparse_flops
 
 import common
 
@@ -241,14 +241,9 @@ def main(argv=None):
     print("\nmeasuring: accuracy, sizes on disk, FLOPs, latency (batch of "
           f"{len(xt)} test images, median of {args.repeats} runs) ...", flush=True)
     x_test, one = jnp.asarray(xt), jnp.asarray(xt[:1])
-    compiled = {name: jax.jit(r["model"].eval_apply).lower(r["variables"], x_test).compile()
-                for name, r in results.items()}
-    times = {name: [] for name in results}
-    rounds = min(5, args.repeats)
-    for _ in range(rounds):  # interleaved: load on a shared machine hits every model alike
-        for name, r in results.items():
-            times[name] += latency(compiled[name], r["variables"], x_test, warmup=1,
-                                   repeats=max(args.repeats // rounds, 1)).times
+    medians, compiled = common.compare_latency(
+        {name: (r["model"].eval_apply, (r["variables"], x_test)) for name, r in results.items()},
+        args.repeats)
     rows = []
     for name, r in results.items():
         fwd, v = r["model"].eval_apply, r["variables"]
@@ -257,7 +252,7 @@ def main(argv=None):
         ckpt, sparse = saved_bytes(ckpt_root, name.replace(" ", "_").replace("%", ""), v,
                                    r.get("masks"), r.get("plan"))
         f, ef = flops(fwd, v, one), sparse_flops(fwd, v, one)
-        t, t_dense = np.median(times[name]), np.median(times["dense"])
+        t, t_dense = medians[name], medians["dense"]
         rows.append([name, f"{acc:.3f}", f"{nonzero:,} / {total:,}",
                      f"{ckpt / 1024:.0f} KiB", "-" if sparse is None else f"{sparse / 1024:.0f} KiB",
                      f"{f / 1e6:.3f}M", f"{ef / 1e6:.3f}M",

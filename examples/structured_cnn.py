@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 import jaxprune
-from jaxprune.report import flops, latency
+from jaxprune.report import flops
 
 import common
 
@@ -112,28 +112,22 @@ def main(argv=None):
         models[f"{sparsity:.0%} channels removed"] = dict(
             model=fit(small, args.finetune, data, args, f"fine-tune {sparsity:.0%}"), acc0=acc0)
 
-    compiled, times = {}, {k: [] for k in models}
-    for name, r in models.items():
-        f, s = forward(r["model"])
-        r["state"], r["fn"] = s, f
-        compiled[name] = jax.jit(f).lower(s, x_test).compile()
-    rounds = min(5, args.repeats)
-    for _ in range(rounds):  # interleaved, so machine load hits every model alike
-        for name, r in models.items():
-            times[name] += latency(compiled[name], r["state"], x_test, warmup=1,
-                                   repeats=max(args.repeats // rounds, 1)).times
+    for r in models.values():
+        r["fn"], r["state"] = forward(r["model"])
+    medians, compiled = common.compare_latency(
+        {k: (r["fn"], (r["state"], x_test)) for k, r in models.items()}, args.repeats)
     rows, points = [], []
-    t_dense = np.median(times["dense"])
+    t_dense = medians["dense"]
     for name, r in models.items():
         params = jaxprune.structured.param_count(nnx.state(r["model"], nnx.Param))
         acc = common.accuracy(compiled[name], r["state"], xt, yt)
-        t = np.median(times[name])
+        t = medians[name]
         points.append((t_dense / t, acc, name))
         rows.append([name, "/".join(map(str, r["model"].widths())), f"{params:,}",
                      f"{r['acc0']:.4f}", f"{acc:.4f}",
                      f"{flops(r['fn'], r['state'], x_test[:1]) / 1e6:.3f}M",
                      f"{t * 1e3:.2f} ms", f"{t_dense / t:.2f}x"])
-    print(f"\nlatency: forward of {len(xt)} test images, median of {len(times['dense'])} runs "
+    print(f"\nlatency: forward of {len(xt)} test images, median of {args.repeats} runs "
           f"on {jax.devices()[0].platform}")
     print(common.table(["model", "channels", "params", "acc shrunk", "acc fine-tuned",
                         "FLOPs/img", "latency", "speed-up"], rows))

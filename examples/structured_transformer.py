@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import jaxprune
-from jaxprune.report import flops, latency
+from jaxprune.report import flops
 
 import common
 
@@ -114,26 +114,20 @@ def main(argv=None):
         models[f"{s:.0%} heads+MLP removed"] = dict(apply=r.apply, variables=tuned, acc0=acc0)
 
     xl = jnp.asarray(xt[:args.latency_batch])
-    compiled = {k: jax.jit(m["apply"]).lower(m["variables"], xl).compile()
-                for k, m in models.items()}
-    times = {k: [] for k in models}
-    rounds = min(5, args.repeats)
-    for _ in range(rounds):  # interleaved, so machine load hits every model alike
-        for k, m in models.items():
-            times[k] += latency(compiled[k], m["variables"], xl, warmup=1,
-                                repeats=max(args.repeats // rounds, 1)).times
-    t_dense = np.median(times["dense"])
+    medians, compiled = common.compare_latency(
+        {k: (m["apply"], (m["variables"], xl)) for k, m in models.items()}, args.repeats)
+    t_dense = medians["dense"]
     rows, points = [], []
     for k, m in models.items():
         q = m["variables"]["params"]["Block_0"]["MultiHeadDotProductAttention_0"]["query"]["kernel"]
         acc = common.accuracy(m["apply"], m["variables"], xt, yt)
-        t = np.median(times[k])
+        t = medians[k]
         points.append((t_dense / t, acc, k))
         rows.append([k, q.shape[1], f"{jaxprune.structured.param_count(m['variables']):,}",
                      "-" if m["acc0"] is None else f"{m['acc0']:.4f}", f"{acc:.4f}",
                      f"{flops(m['apply'], m['variables'], xl[:1]) / 1e6:.2f}M",
                      f"{t * 1e3:.2f} ms", f"{t_dense / t:.2f}x"])
-    print(f"\nlatency: forward of {len(xl)} sequences, median of {len(times['dense'])} runs on "
+    print(f"\nlatency: forward of {len(xl)} sequences, median of {args.repeats} runs on "
           f"{jax.devices()[0].platform}")
     print(common.table(["model", "heads", "params", "acc pruned", "acc fine-tuned", "FLOPs/seq",
                         "latency", "speed-up"], rows))
