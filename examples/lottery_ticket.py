@@ -87,7 +87,7 @@ def main(argv=None):
     rows, curve = [], []
     for level, (params, m) in enumerate(tqdm(list(zip(trained, masks)), desc="random re-init",
                                              unit="model")):
-        sparsity = float(jaxprune.sparsity(m))
+        sparsity = float(common.sparsity(m))
         ticket_acc = common.mlp_accuracy(params, data)
         random_acc = common.mlp_accuracy(train(jaxprune.apply_masks(reinit, m), m), data)
         curve.append((sparsity, ticket_acc, random_acc))

@@ -59,22 +59,22 @@ class Model:
 
     def __init__(self, train_apply, eval_apply):
         self.train_apply, self.eval_apply = train_apply, eval_apply
+        self.evaluate = jax.jit(eval_apply)
 
     def loss(self, params, stats, x, y):
         logits, updates = self.train_apply({"params": params, "batch_stats": stats}, x)
         return common.cross_entropy(logits, y), updates["batch_stats"]
 
 
-def finetune(model, variables, tx, steps, data, args, desc, history, offset, track=None):
+def finetune(model, variables, tx, steps, data, args, desc, history, offset):
     """Trains ``steps`` steps; records (step, test accuracy, sparsity) per chunk."""
     (x, y), (xt, yt) = data
     run = common.chunk_runner(model.loss, tx, x, y)
-    evaluate = jax.jit(model.eval_apply)
 
     def after_chunk(state, done):
         params, stats, opt_state = state
-        acc = common.accuracy(evaluate, {"params": params, "batch_stats": stats}, xt, yt)
-        sparsity = float(jaxprune.sparsity(params)) if track is None else track(params)
+        acc = common.accuracy(model.evaluate, {"params": params, "batch_stats": stats}, xt, yt)
+        sparsity = float(common.sparsity(params))
         history.append((offset + done, acc, sparsity))
         return {"acc": f"{acc:.3f}", "sparsity": f"{sparsity:.2f}"}
 
@@ -207,7 +207,8 @@ def main(argv=None):
     small_model = Model(shrunk_train.apply, shrunk.apply)
     print(f"structured: {shrunk}")
     name = "structured 50% channels"
-    histories[name] = [(args.steps, common.accuracy(shrunk.apply, shrunk.variables, xt, yt), 0.0)]
+    histories[name] = [(args.steps, common.accuracy(small_model.evaluate, shrunk.variables, xt,
+                                                    yt), 0.0)]
     small, _ = finetune(small_model, shrunk.variables, adam(), max(ft // 2, 1), data, args, name,
                         histories[name], args.steps)
     results[name] = dict(model=small_model, variables=small, plan=shrunk.plan)
@@ -232,7 +233,7 @@ def main(argv=None):
     oneshot = {**restored, "params": jaxprune.apply_masks(restored["params"], masks)}
     results["one-shot 90%"] = dict(model=dense_model, variables=oneshot, masks=masks)
     name = "one-shot 90% + fine-tune"
-    histories[name] = [(args.steps, common.accuracy(cnn.apply, oneshot, xt, yt), 0.9)]
+    histories[name] = [(args.steps, common.accuracy(dense_model.evaluate, oneshot, xt, yt), 0.9)]
     tuned, _ = finetune(dense_model, oneshot, jaxprune.fixed_masks(adam(), masks),
                         max(ft // 2, 1), data, args, name, histories[name], args.steps)
     results[name] = dict(model=dense_model, variables=tuned, masks=masks)

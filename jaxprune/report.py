@@ -390,12 +390,15 @@ class Latency:
 
 def latency(fn: Callable, *args: Any, repeats: int = 20, warmup: int = 2, jit: bool = True,
             clock: Callable[[], float] = time.perf_counter) -> Latency:
-    """Measures ``fn(*args)``: compiles once (``jit=True``), runs ``warmup``
-    calls, then times ``repeats`` calls, each until its outputs are ready
-    (``jax.block_until_ready``).
+    """Measures ``fn(*args)``: compiles once (``jit=True``; an already
+    compiled ``jax.jit(f).lower(...).compile()`` is used as is), runs
+    ``warmup`` calls, then times ``repeats`` calls, each until its outputs are
+    ready (``jax.block_until_ready``).
 
     Returns a ``Latency`` with ``.median``, ``.min``, ``.max`` and ``.times`` in
-    seconds. Compare models by the ratio of medians measured in the same run.
+    seconds. Compare models by the ratio of medians measured in the same run;
+    on a shared machine, interleave short measurements of the models being
+    compared (pass compiled functions so that each call does not recompile).
 
     >>> import jax.numpy as jnp
     >>> t = latency(lambda x: x @ x, jnp.ones((64, 64)), repeats=5)
@@ -405,7 +408,8 @@ def latency(fn: Callable, *args: Any, repeats: int = 20, warmup: int = 2, jit: b
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
                          f"warmup={warmup}")
-    run = jax.jit(fn).lower(*args).compile() if jit else fn
+    compiled = isinstance(fn, jax.stages.Compiled)
+    run = jax.jit(fn).lower(*args).compile() if jit and not compiled else fn
     for _ in range(warmup):
         jax.block_until_ready(run(*args))
     times = []
