@@ -108,7 +108,8 @@ def demonstrate(steps: int) -> bool:
     root = tempfile.mkdtemp(prefix="jaxprune_resume_")
     try:
         full = train(os.path.join(root, "full"), steps)
-        print(f"uninterrupted: {steps} steps, sparsity {float(jaxprune.sparsity(full['masks'])):.3f}")
+        sparsity = float(jaxprune.sparsity(full["masks"]))
+        print(f"uninterrupted: {steps} steps, sparsity {sparsity:.3f}")
         train(os.path.join(root, "resumed"), steps, stop_at=steps // 2)
         print(f"second run stopped after step {steps // 2} (checkpoint saved); resuming it in a "
               "new Python process ...")

@@ -151,6 +151,14 @@ def accuracy(logits_fn: Callable, variables: PyTree, x: np.ndarray, y: np.ndarra
 sparsity = jax.jit(jaxprune.sparsity)  # one compile per model instead of one per op
 
 
+def si(x: float) -> str:
+    """3.5e5 -> '350.0K': FLOPs and sizes in a readable unit."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}" if abs(x) < 100 * scale else f"{x / scale:.0f}{unit}"
+    return f"{x:.0f}"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Rows as an aligned text table (first column left-aligned)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]

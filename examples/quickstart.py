@@ -255,19 +255,21 @@ def main(argv=None):
         f, ef = flops(fwd, v, one), sparse_flops(fwd, v, one)
         t, t_dense = medians[name], medians["dense"]
         rows.append([name, f"{acc:.3f}", f"{nonzero:,} / {total:,}",
-                     f"{ckpt / 1024:.0f} KiB", "-" if sparse is None else f"{sparse / 1024:.0f} KiB",
-                     f"{f / 1e6:.3f}M", f"{ef / 1e6:.3f}M",
+                     f"{ckpt / 1024:.0f} KiB",
+                     "-" if sparse is None else f"{sparse / 1024:.0f} KiB",
+                     common.si(f), common.si(ef),
                      f"{t * 1e3:.2f} ms", f"{t_dense / t:.2f}x"])
         r["kept"] = kept_fraction(v, dense)
     print(common.table(["method", "test acc", "params nonzero / total", "checkpoint",
                         "sparse export", "FLOPs/img", "eff. FLOPs/img", "latency",
                         "speed-up"], rows))
-    print("checkpoint: orbax checkpoint of the model as it is (shrunk models: variables + plan);"
-          "\nsparse export: jaxprune.checkpoint.export_sparse (kept values + 1-bit masks);"
-          "\nFLOPs: XLA cost analysis of the jitted forward (jaxprune.report.flops); eff. FLOPs: "
-          "matmul/conv FLOPs x weight density (jaxprune.report.sparse_flops, the RigL count);"
-          "\nlatency: jitted forward on this device (jaxprune.report.latency); unstructured zeros "
-          "do not make dense kernels faster, removed channels do.")
+    print("checkpoint: orbax checkpoint of the model as it is (shrunk: variables + plan)\n"
+          "sparse export: jaxprune.checkpoint.export_sparse (kept values + 1-bit masks)\n"
+          "FLOPs: XLA cost analysis of the jitted forward (jaxprune.report.flops)\n"
+          "eff. FLOPs: matmul/conv FLOPs x weight density (jaxprune.report.sparse_flops, RigL's "
+          "count)\nlatency: jitted forward on this device, interleaved runs "
+          "(jaxprune.report.latency)\nUnstructured zeros shrink files and effective FLOPs but not "
+          "dense kernels' time; removed channels make the model faster.")
 
     densities = {k: results[k]["kept"] for k in ("gradual magnitude 90%", "one-shot 90%",
                                                   "structured 50% channels",

@@ -31,8 +31,10 @@ class CNN(nnx.Module):
 
     def __init__(self, widths=(8, 16), side=28, *, rngs: nnx.Rngs):
         c1, c2 = widths
-        self.conv1, self.bn1 = nnx.Conv(1, c1, (3, 3), strides=2, rngs=rngs), nnx.BatchNorm(c1, rngs=rngs)
-        self.conv2, self.bn2 = nnx.Conv(c1, c2, (3, 3), strides=2, rngs=rngs), nnx.BatchNorm(c2, rngs=rngs)
+        self.conv1 = nnx.Conv(1, c1, (3, 3), strides=2, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(c1, rngs=rngs)
+        self.conv2 = nnx.Conv(c1, c2, (3, 3), strides=2, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(c2, rngs=rngs)
         self.conv3, self.bn3 = nnx.Conv(c2, c2, (3, 3), rngs=rngs), nnx.BatchNorm(c2, rngs=rngs)
         s = -(-side // 4)  # two stride-2 convs with SAME padding
         self.head = nnx.Linear(s * s * c2, 10, rngs=rngs)
@@ -125,7 +127,7 @@ def main(argv=None):
         points.append((t_dense / t, acc, name))
         rows.append([name, "/".join(map(str, r["model"].widths())), f"{params:,}",
                      f"{r['acc0']:.4f}", f"{acc:.4f}",
-                     f"{flops(r['fn'], r['state'], x_test[:1]) / 1e6:.3f}M",
+                     common.si(flops(r["fn"], r["state"], x_test[:1])),
                      f"{t * 1e3:.2f} ms", f"{t_dense / t:.2f}x"])
     print(f"\nlatency: forward of {len(xt)} test images, median of {args.repeats} runs "
           f"on {jax.devices()[0].platform}")

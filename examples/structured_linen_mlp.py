@@ -78,7 +78,7 @@ def main(argv=None):
         rows.append([name, f"{st.param_count(v):,}",
                      "-" if before is None else f"{before:.4f}",
                      f"{common.accuracy(compiled[key], v, xt, yt):.4f}",
-                     f"{flops(fn, v, x_test[:1]) / 1e6:.3f}M", f"{medians[key] * 1e3:.3f} ms",
+                     common.si(flops(fn, v, x_test[:1])), f"{medians[key] * 1e3:.3f} ms",
                      f"{medians['dense'] / medians[key]:.2f}x"])
     print(common.table(["model", "params", "acc before fine-tune", "test acc", "FLOPs/img",
                         f"latency ({len(xt)} images)", "speed-up"], rows))

@@ -125,7 +125,7 @@ def main(argv=None):
         points.append((t_dense / t, acc, k))
         rows.append([k, q.shape[1], f"{jaxprune.structured.param_count(m['variables']):,}",
                      "-" if m["acc0"] is None else f"{m['acc0']:.4f}", f"{acc:.4f}",
-                     f"{flops(m['apply'], m['variables'], xl[:1]) / 1e6:.2f}M",
+                     common.si(flops(m["apply"], m["variables"], xl[:1])),
                      f"{t * 1e3:.2f} ms", f"{t_dense / t:.2f}x"])
     print(f"\nlatency: forward of {len(xl)} sequences, median of {args.repeats} runs on "
           f"{jax.devices()[0].platform}")

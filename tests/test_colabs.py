@@ -64,12 +64,14 @@ def test_notebook_runs_top_to_bottom_in_a_real_kernel(path, tmp_path, monkeypatc
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("JAXPRUNE_SMOKE", "1")  # the kernel inherits this environment
     # The kernel imports this checkout's jaxprune, as an installed package would be found.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH",
+                       os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     first = nb.cells[1]
     printed = "".join(o.get("text", "") for o in first.outputs)
-    assert "jaxprune" in printed and "installed jaxprune from" not in printed  # detected, not reinstalled
+    # The install cell found the installed package instead of installing it again.
+    assert "jaxprune" in printed and "installed jaxprune from" not in printed
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if o.output_type == "error"]
