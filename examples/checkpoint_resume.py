@@ -16,6 +16,7 @@ key make the rest identical. The steps by hand:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -30,8 +31,6 @@ import optax
 
 import jaxprune
 from jaxprune import checkpoint
-
-import common
 
 SIZES = (8, 32, 16, 4)
 
@@ -63,11 +62,10 @@ def optimizer(steps: int) -> optax.GradientTransformation:
     return jaxprune.pruned(optax.adam(1e-2), jaxprune.scores.saliency, schedule)
 
 
-def train(directory: str, steps: int, stop_at: Optional[int] = None,
-          save_every: Optional[int] = None) -> dict[str, Any]:
-    """Trains to ``steps`` (or stops after ``stop_at``), saving every
-    ``save_every`` steps (default: at ``stop_at``, or half way), resuming
-    from the latest checkpoint in ``directory`` if there is one."""
+@functools.lru_cache(maxsize=None)
+def training_step(steps: int) -> tuple[optax.GradientTransformation, Any]:
+    """The optimizer and the jitted step of a ``steps``-long run (compiled once
+    per process, however many runs use it)."""
     tx = optimizer(steps)
 
     @jax.jit
@@ -76,6 +74,15 @@ def train(directory: str, steps: int, stop_at: Optional[int] = None,
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    return tx, step_fn
+
+
+def train(directory: str, steps: int, stop_at: Optional[int] = None,
+          save_every: Optional[int] = None) -> dict[str, Any]:
+    """Trains to ``steps`` (or stops after ``stop_at``), saving every
+    ``save_every`` steps (default: at ``stop_at``, or half way), resuming
+    from the latest checkpoint in ``directory`` if there is one."""
+    tx, step_fn = training_step(steps)
     params = init_params()
     opt_state = tx.init(params)
     every = save_every or stop_at or steps // 2
@@ -134,6 +141,8 @@ def demonstrate(steps: int) -> bool:
 
 
 def main(argv: Optional[list] = None) -> None:
+    import common  # the examples' shared flags (imported here: tests load this file as a module)
+
     p = common.parser(__doc__)
     p.add_argument("--dir", default=None,
                    help="checkpoint directory: train to --steps (or stop at --stop-at), "

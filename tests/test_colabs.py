@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -58,20 +59,29 @@ def test_notebook_is_colab_ready_and_stored_with_its_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.examples
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_top_to_bottom_in_a_real_kernel(path, tmp_path, monkeypatch):
+def test_notebooks_run_top_to_bottom_in_real_kernels(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("JAXPRUNE_SMOKE", "1")  # the kernel inherits this environment
-    # The kernel imports this checkout's jaxprune, as an installed package would be found.
+    monkeypatch.setenv("JAXPRUNE_SMOKE", "1")  # the kernels inherit this environment
+    # The kernels import this checkout's jaxprune, as an installed package would be found.
     monkeypatch.setenv("PYTHONPATH",
                        os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    first = nb.cells[1]
-    printed = "".join(o.get("text", "") for o in first.outputs)
-    # The install cell found the installed package instead of installing it again.
-    assert "jaxprune" in printed and "installed jaxprune from" not in printed
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                if o.output_type == "error"]
+
+    def execute(path):
+        nb = nbformat.read(path, as_version=4)
+        workdir = tmp_path / path.stem
+        workdir.mkdir()
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(workdir)}}).execute()
+        return nb
+
+    # One kernel per notebook, side by side: XLA compiles on one core per process, so
+    # running them together uses every core (a failing cell raises CellExecutionError).
+    with ThreadPoolExecutor(max_workers=min(len(NOTEBOOKS), os.cpu_count() or 1)) as pool:
+        executed = dict(zip(NOTEBOOKS, pool.map(execute, NOTEBOOKS)))
+    for path, nb in executed.items():
+        printed = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+        # The install cell found the installed package instead of installing it again.
+        assert "jaxprune" in printed and "installed jaxprune from" not in printed, path.name
+        assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                    if o.output_type == "error"], path.name
