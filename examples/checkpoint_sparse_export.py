@@ -47,7 +47,7 @@ def main(argv=None):
     args = common.parse_args(p, argv, smoke=dict(sparsities=[0.9], hidden=[32]))
     model = MLP(tuple(args.hidden))
     x = jnp.ones((4, 784))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jax.jit(model.init)(common.key(0), x)
     params = variables["params"]
     root = args.keep or tempfile.mkdtemp(prefix="jaxprune_export_")
     os.makedirs(root, exist_ok=True)

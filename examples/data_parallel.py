@@ -72,7 +72,7 @@ def main(argv=None):
     data = common.flat(common.images(args.data, args.limit))
     (x, y), _ = data
     sizes = [x.shape[1], *args.hidden, 10]
-    init = common.mlp_init(jax.random.key(0), sizes)
+    init = common.mlp_init(common.key(0), sizes)
     schedule = jaxprune.schedules.polynomial(0.9, begin=0, end=max(args.steps * 3 // 4, 1),
                                              every=max(args.steps // 20, 1))
     tx = optax.chain(optax.adam(1e-3), jaxprune.prune(jaxprune.scores.magnitude, schedule,

@@ -63,7 +63,7 @@ def main(argv=None):
     start = time.perf_counter()
     data = common.flat(common.images(args.data, args.limit))
     sizes = [data[0][0].shape[1], *args.hidden, 10]
-    init = common.mlp_init(jax.random.key(0), sizes)
+    init = common.mlp_init(common.key(0), sizes)
     early, _ = common.train_mlp(init, optax.adam(1e-3), data, args.rewind, chunk=args.rewind,
                                 desc=f"{args.rewind} steps to the rewind point")
     early = lottery.snapshot(early)
@@ -83,7 +83,7 @@ def main(argv=None):
     # Round r trains the ticket of round r-1; the last ticket is trained above.
     trained = [r.trained for r in rounds] + [final]
     masks = [lottery.dense_masks(early)] + [r.masks for r in rounds]
-    reinit = common.mlp_init(jax.random.key(1), sizes)  # same shapes, new random weights
+    reinit = common.mlp_init(common.key(1), sizes)  # same shapes, new random weights
     rows, curve = [], []
     for level, (params, m) in enumerate(tqdm(list(zip(trained, masks)), desc="random re-init",
                                              unit="model")):

@@ -57,7 +57,7 @@ def main(argv=None):
     start = time.perf_counter()
     data = common.flat(common.images(args.data, args.limit))
     sizes = [data[0][0].shape[1], *args.hidden, 10]
-    trained, _ = common.train_mlp(common.mlp_init(jax.random.key(0), sizes), optax.adam(1e-3),
+    trained, _ = common.train_mlp(common.mlp_init(common.key(0), sizes), optax.adam(1e-3),
                                   data, args.steps, desc="dense")
     root = tempfile.mkdtemp(prefix="jaxprune_n_of_m_")
     try:

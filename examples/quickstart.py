@@ -165,8 +165,7 @@ def main(argv=None):
 
     # --- dense baseline ----------------------------------------------------
     cnn = CNN(args.width)
-    # "rbg" keys compile much faster on CPU than the default threefry ones.
-    init = jax.jit(cnn.init)(jax.random.key(0, impl="rbg"), jnp.asarray(x[:2]))
+    init = jax.jit(cnn.init)(common.key(0), jnp.asarray(x[:2]))
     dense_model = Model(functools.partial(cnn.apply, train=True, mutable=["batch_stats"]),
                         cnn.apply)
     adam = lambda: optax.adam(3e-3)

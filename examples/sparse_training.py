@@ -50,7 +50,7 @@ def main(argv=None):
     start = time.perf_counter()
     data = common.flat(common.images(args.data, args.limit))
     sizes = [data[0][0].shape[1], *args.hidden, 10]
-    init = common.mlp_init(jax.random.key(0), sizes)
+    init = common.mlp_init(common.key(0), sizes)
     chunk = max(args.steps // 10, 1)
 
     def run(name, tx):

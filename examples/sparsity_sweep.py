@@ -74,7 +74,7 @@ def main(argv=None):
     start = time.perf_counter()
     data = common.flat(common.images(args.data, args.limit))
     sizes = [data[0][0].shape[1], *args.hidden, 10]
-    params = common.mlp_init(jax.random.key(0), sizes)
+    params = common.mlp_init(common.key(0), sizes)
     dense, _ = common.train_mlp(params, optax.adam(1e-3), data, args.steps, desc="dense")
     dense_acc = common.mlp_accuracy(dense, data)
     print(f"dense MLP {sizes}: test accuracy {dense_acc:.4f}")

@@ -26,6 +26,10 @@ from jaxprune.report import flops
 import common
 
 
+def new_rngs() -> nnx.Rngs:
+    return nnx.Rngs(common.key(0))
+
+
 class CNN(nnx.Module):
     """Two strided conv blocks, a residual conv block and a linear head."""
 
@@ -98,7 +102,7 @@ def main(argv=None):
     data = common.images(args.data, args.limit)
     (x, _), (xt, yt) = data
     side = x.shape[1]
-    dense = fit(CNN(tuple(args.widths), side, rngs=nnx.Rngs(0)), args.steps, data, args, "dense")
+    dense = fit(CNN(tuple(args.widths), side, rngs=new_rngs()), args.steps, data, args, "dense")
     x_test = jnp.asarray(xt)
     f, s = forward(dense)
     models = {"dense": dict(model=dense, acc0=common.accuracy(f, s, xt, yt))}
@@ -106,7 +110,7 @@ def main(argv=None):
         result = jaxprune.structured.prune_channels(
             dense, jnp.asarray(x[:args.batch]), sparsity=sparsity, importance="l2",
             rebuild=lambda v: CNN((v["conv1"]["kernel"].shape[-1], v["conv2"]["kernel"].shape[-1]),
-                                  side, rngs=nnx.Rngs(0)))
+                                  side, rngs=new_rngs()))
         small = result.model
         small.eval()
         f, s = forward(small)

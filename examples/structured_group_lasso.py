@@ -39,10 +39,10 @@ def main(argv=None):
     args = common.parse_args(p, argv, smoke=dict(steps=3, repeats=2, latency_batch=256))
     start = time.perf_counter()
     model = MLP()
-    x = jax.random.normal(jax.random.key(0), (256, 8))
+    x = jax.random.normal(common.key(0), (256, 8))
     y = jnp.sin(x[:, :1]) + 0.5 * x[:, 1:2] ** 2  # needs only a few hidden units
-    variables = model.init(jax.random.key(1), x)
-    x_big = jax.random.normal(jax.random.key(2), (args.latency_batch, 8))
+    variables = model.init(common.key(1), x)
+    x_big = jax.random.normal(common.key(2), (args.latency_batch, 8))
     found = st.groups(model.apply, variables, x)
     loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
 

@@ -45,7 +45,7 @@ def main(argv=None):
     start = time.perf_counter()
     (x, y), (xt, yt) = common.flat(common.images(args.data, args.limit))
     model = MLP()
-    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.asarray(x[:2]))
+    variables = jax.jit(model.init)(common.key(0), jnp.asarray(x[:2]))
 
     def fit(apply, params, steps, desc):
         loss = lambda p, aux, xb, yb: (common.cross_entropy(apply({"params": p}, xb), yb), aux)

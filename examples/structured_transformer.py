@@ -87,7 +87,7 @@ def main(argv=None):
     (x, y), (xt, yt) = common.images(args.data, args.limit)
     x, xt = x[..., 0], xt[..., 0]  # images as sequences of rows
     model = Transformer(args.heads, args.dim, 2 * args.dim, args.depth)
-    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.asarray(x[:2]))
+    variables = jax.jit(model.init)(common.key(0), jnp.asarray(x[:2]))
 
     def fit(apply, params, steps, desc):
         loss = lambda p, aux, xb, yb: (common.cross_entropy(apply({"params": p}, xb), yb), aux)

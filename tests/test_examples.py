@@ -1,16 +1,22 @@
 """Every script in examples/ answers --help at once and runs with tiny settings
 (``JAXPRUNE_SMOKE=1``), printing the evidence it promises.
 
-The smoke runs execute in this process (``runpy``, as ``python examples/x.py``
-would) so that the JAX import is paid once; they are marked ``slow`` and
-``examples`` so that CI can schedule them on their own (``-m examples``).
+Most of a smoke run's time is XLA compiling on one core, and the rest is
+importing JAX, Flax and orbax and parsing MNIST. So the runs are shared out
+among one worker process per core; each worker imports once and runs its
+examples one after another as ``python examples/x.py`` would (``runpy`` with
+``__name__ == "__main__"``, its own working and temporary directory). The
+workers start when the first smoke test needs them; each test checks its own
+example's output. The smoke tests are marked ``slow`` and ``examples`` so that
+CI can schedule them on their own (``-m examples``).
 """
 
+import os
 import pathlib
 import re
 import runpy
+import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -69,18 +75,95 @@ def test_help_exits_before_doing_any_work(path, example_env, monkeypatch, capsys
     assert list(example_env.iterdir()) == []  # nothing trained, nothing written
 
 
+SMOKE_TEST = "test_example_runs_with_tiny_settings_and_prints_its_evidence"
+# Rough CPU seconds of each smoke run, to share the runs out evenly between workers.
+COST = {"quickstart.py": 30, "checkpoint_resume.py": 20, "structured_cnn.py": 17,
+        "structured_transformer.py": 14, "data_parallel.py": 12, "sparse_training.py": 12}
+
+
+def run_in_this_process(paths: list, out_dir: pathlib.Path) -> None:
+    """Worker: runs each example as ``__main__``; writes its stdout, stderr, exit
+    status and leftover temporary files to ``out_dir/<name>.json``."""
+    import contextlib
+    import io
+    import json
+    import tempfile
+    import traceback
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    for path in map(pathlib.Path, paths):
+        work = out_dir / path.stem
+        temp = work / "tmp"  # the run's own temporary directory: what it leaves there is seen
+        temp.mkdir(parents=True)
+        os.chdir(work)
+        os.environ["TMPDIR"] = tempfile.tempdir = str(temp)
+        sys.argv = [str(path)]
+        out, err, status = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported to the test
+                status = 1
+                traceback.print_exc()
+        (out_dir / f"{path.name}.json").write_text(json.dumps({
+            "status": status, "stdout": out.getvalue(), "stderr": err.getvalue(),
+            "work": str(work), "leftovers": sorted(map(str, temp.iterdir()))}))
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(request, tmp_path_factory):
+    """Starts one worker per core over the selected examples; returns a function
+    ``name -> result dict`` that waits for that example's run."""
+    import json
+    import time
+
+    selected = [item.callspec.params["path"] for item in request.session.items
+                if getattr(item, "originalname", None) == SMOKE_TEST]
+    n = max(1, min(os.cpu_count() or 1, len(selected)))
+    shares, load = [[] for _ in range(n)], [0] * n
+    for path in sorted(selected, key=lambda p: -COST.get(p.name, 8)):  # heaviest first
+        i = load.index(min(load))
+        shares[i].append(str(path))
+        load[i] += COST.get(path.name, 8)
+    out_dir = tmp_path_factory.mktemp("smoke")
+    env = dict(os.environ, JAXPRUNE_SMOKE="1", MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    workers = [subprocess.Popen([sys.executable, __file__, str(out_dir), *share], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for share in shares if share]
+
+    def result(name):
+        path = out_dir / f"{name}.json"
+        deadline = time.monotonic() + 1800
+        while not path.exists():
+            crashed = [w for w in workers if w.poll() not in (None, 0)]
+            assert not crashed, crashed[0].stdout.read()[-3000:]
+            if all(w.poll() is not None for w in workers) and not path.exists():
+                pytest.fail(f"no worker ran {name}")
+            assert time.monotonic() < deadline, f"{name} timed out"
+            time.sleep(0.2)
+        return json.loads(path.read_text())
+
+    yield result
+    for w in workers:
+        w.wait(timeout=1800)
+
+
 @pytest.mark.slow
 @pytest.mark.examples
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs_with_tiny_settings_and_prints_its_evidence(path, example_env, monkeypatch,
-                                                                 capsys):
-    temp = pathlib.Path(tempfile.gettempdir())
-    before = set(temp.glob("jaxprune_*"))
-    _run(path, [], monkeypatch)
-    out = capsys.readouterr().out
+def test_example_runs_with_tiny_settings_and_prints_its_evidence(path, smoke_runs):
+    run = smoke_runs(path.name)
+    assert run["status"] == 0, f"{path.name} failed:\n{run['stderr'][-3000:]}"
+    out = run["stdout"]
     for pattern in EVIDENCE[path.name]:
         assert re.search(pattern, out), f"{path.name} did not print {pattern!r}:\n{out[-3000:]}"
     for figure in re.findall(r"figure: (\S+)", out):
-        assert pathlib.Path(figure).stat().st_size > 1000, figure
-    leftovers = set(temp.glob("jaxprune_*")) - before
-    assert not leftovers, f"{path.name} left temporary files: {leftovers}"
+        assert (pathlib.Path(run["work"]) / figure).stat().st_size > 1000, figure
+    assert not run["leftovers"], f"{path.name} left temporary files behind: {run['leftovers']}"
+
+
+if __name__ == "__main__":  # a smoke-run worker (see ``smoke_runs``)
+    run_in_this_process(sys.argv[2:], pathlib.Path(sys.argv[1]))
