@@ -196,10 +196,11 @@ def weighted_ops(apply_fn: Callable, variables: PyTree, *args: Any) -> list[Weig
 
 def sparse_flops(apply_fn: Callable, variables: PyTree, *args: Any) -> float:
     """FLOPs of the matmuls and convolutions of ``apply_fn(variables, *args)``,
-    each scaled by the density of its weight: the count of the RigL paper
-    (Evci et al. 2020, "Rigging the Lottery", Appendix on FLOPs), i.e. the work
-    a kernel that skips zero weights would do. Element-wise ops, normalisation
-    and biases are not counted; padding taps are excluded as in ``flops``.
+    each scaled by the density of its weight: how Evci et al. 2020 ("Rigging
+    the Lottery: Making All Tickets Winners", ICML) count the FLOPs of sparse
+    networks, i.e. the work a kernel that skips zero weights would do.
+    Element-wise ops, normalisation and biases are not counted; padding taps
+    are excluded as in ``flops``.
 
     >>> import jax.numpy as jnp
     >>> w = jnp.array([[1.0, 0.0], [0.0, 0.0], [2.0, 3.0]])   # 3 of 6 nonzero
