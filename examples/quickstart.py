@@ -44,6 +44,7 @@ class CNN(nn.Module):
     """Two strided convs, a residual conv block and a dense head."""
 
     width: int = 8
+    hidden: int = 256
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -51,7 +52,8 @@ class CNN(nn.Module):
         x = nn.relu(norm()(nn.Conv(self.width, (3, 3), strides=2)(x)))
         x = nn.relu(norm()(nn.Conv(2 * self.width, (3, 3), strides=2)(x)))
         x = x + nn.relu(norm()(nn.Conv(2 * self.width, (3, 3))(x)))  # residual
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10)(x)
 
 
 class Model:
@@ -115,10 +117,11 @@ def kept_fraction(variables, dense_variables):
 
 def plot(histories, schedules, densities, dense_steps, out_dir):
     plt = common.pyplot()
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"wspace": 0.4})
+    colors = {}
     for name, hist in histories.items():
         steps, acc, _ = zip(*hist)
-        ax.plot(steps, acc, marker=".", label=name)
+        colors[name] = ax.plot(steps, acc, marker=".", label=name)[0].get_color()
     ax.axvline(dense_steps, color="gray", lw=0.8, ls=":")
     ax.set(xlabel="training step (dense, then each method from the dense checkpoint)",
            ylabel="test accuracy", title="accuracy vs step")
@@ -126,13 +129,14 @@ def plot(histories, schedules, densities, dense_steps, out_dir):
     twin = ax.twinx()
     for name, hist in schedules.items():
         steps, _, sparsity = zip(*hist)
-        twin.plot(steps, sparsity, ls="--", lw=1, label=f"{name}: sparsity")
+        twin.plot(steps, sparsity, ls="--", lw=1, color=colors[name], label=f"{name}: sparsity")
     twin.set(ylabel="sparsity (dashed)", ylim=(0, 1))
     twin.legend(fontsize=8, loc="center right")
     layers = list(next(iter(densities.values())))
     width = 0.8 / len(densities)
     for i, (name, dens) in enumerate(densities.items()):
-        bars.bar(np.arange(len(layers)) + i * width, [dens[l] for l in layers], width, label=name)
+        bars.bar(np.arange(len(layers)) + i * width, [dens[l] for l in layers], width, label=name,
+                 color=colors.get(name, colors.get(f"{name} + fine-tune")))
     bars.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers)
     bars.set(ylabel="weights kept (fraction of the dense layer)", ylim=(0, 1.05),
              title="per-layer density")
@@ -144,18 +148,19 @@ def plot(histories, schedules, densities, dense_steps, out_dir):
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=400, help="dense training steps")
+    p.add_argument("--steps", type=int, default=300, help="dense training steps")
     p.add_argument("--finetune", type=int, default=None,
                    help="steps of each pruning run (default: half of --steps)")
     p.add_argument("--data", choices=["mnist", "digits"], default="mnist")
     p.add_argument("--out", default="quickstart_out", help="directory for the figure")
     p.add_argument("--width", type=int, default=8, help="channels of the first conv")
+    p.add_argument("--hidden", type=int, default=256, help="units of the dense head's hidden layer")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--chunk", type=int, default=25, help="steps per jitted chunk")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per latency")
     args = common.parse_args(p, argv, smoke=dict(steps=4, chunk=2, limit=256, width=4,
-                                                 repeats=2, batch=16))
+                                                 hidden=16, repeats=2, batch=16))
     start = time.perf_counter()
     ft = args.finetune or max(args.steps // 2, 2)
     data = common.images(args.data, args.limit)
@@ -164,7 +169,7 @@ def main(argv=None):
           f"devices: {jax.devices()}")
 
     # --- dense baseline ----------------------------------------------------
-    cnn = CNN(args.width)
+    cnn = CNN(args.width, args.hidden)
     init = jax.jit(cnn.init)(common.key(0), jnp.asarray(x[:2]))
     dense_model = Model(functools.partial(cnn.apply, train=True, mutable=["batch_stats"]),
                         cnn.apply)

@@ -11,7 +11,7 @@ same number of steps. The sparse ones keep the weight count fixed from step 0:
 It prints final accuracies next to the dense baseline, checks that the number
 of active weights never changed, and saves accuracy-vs-step plots.
 
-    python examples/sparse_training.py [--steps 600] [--sparsities 0.8 0.9]
+    python examples/sparse_training.py [--steps 400] [--sparsities 0.8 0.9]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def methods(steps: int, every: int) -> dict:
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--every", type=int, default=50, help="mask-update period (SET, RigL)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--every", type=int, default=40, help="mask-update period (SET, RigL)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     p.add_argument("--hidden", type=int, nargs="+", default=[300, 100])
     p.add_argument("--data", choices=["mnist", "digits"], default="mnist")

@@ -7,7 +7,7 @@ groups from the jaxpr (DepGraph, Fang et al. 2023). Each shrunk model is
 rebuilt as an instance of the same class at the reduced widths (``rebuild=``)
 and fine-tuned with ``nnx.Optimizer`` in training mode.
 
-    python examples/structured_cnn.py [--steps 400] [--finetune 150]
+    python examples/structured_cnn.py [--steps 250] [--finetune 100]
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def forward(model):
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=400, help="dense training steps")
-    p.add_argument("--finetune", type=int, default=150, help="fine-tune steps per shrunk model")
+    p.add_argument("--steps", type=int, default=250, help="dense training steps")
+    p.add_argument("--finetune", type=int, default=100, help="fine-tune steps per shrunk model")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--widths", type=int, nargs=2, default=[16, 32])
     p.add_argument("--batch", type=int, default=64)
