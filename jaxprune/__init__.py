@@ -19,8 +19,8 @@ Three parts, each usable alone:
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import (allocation, criteria, data, distributed, lottery, masks, schedules, scores, sparse_training,
-                      structured, threshold, tree)
+from jaxprune import (allocation, criteria, data, distributed, lottery, masks, report, schedules, scores,
+                      sparse_training, structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.calibration import calibrate
 from jaxprune.one_shot import oneshot
@@ -58,6 +58,7 @@ __all__ = [
     "oneshot",
     "prune",
     "pruned",
+    "report",
     "rigl",
     "schedule_rule",
     "schedules",
