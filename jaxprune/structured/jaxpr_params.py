@@ -81,6 +81,8 @@ def layout_error(eqn: Any, what: str) -> StructuredPruningError:
 def sub(value: Any) -> Sub:
     """A ``ClosedJaxpr`` (jax <= 0.10) or an open ``Jaxpr`` carrying its own
     consts (jax 0.12) as ``Sub(jaxpr, consts)``."""
+    if isinstance(value, Sub):
+        return value
     inner = value.jaxpr if type(value).__name__ == "ClosedJaxpr" else value
     if not hasattr(inner, "eqns"):
         raise StructuredPruningError(
