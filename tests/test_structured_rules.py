@@ -378,3 +378,14 @@ def test_nnx_model_given_its_state_the_linen_way_says_how_to_call_it():
             st.prune_channels(model, state, X, sparsity=0.5)
     r = st.prune_channels(model, X, sparsity=0.5)
     assert r.model(X).shape == (2, 3)
+
+
+def test_reshape_adding_or_dropping_a_trailing_size_one_axis_prunes_the_hidden_width():
+    # Was an IndexError in the reshape rule (size-1 axes left over on one side only).
+    def f(v, x):
+        h = jnp.tanh(x.reshape(x.shape[0], x.shape[1], -1) @ v["w1"] + v["b1"])
+        return h.reshape(*h.shape, 1)[..., 0] @ v["w2"]
+
+    v = mlp_vars()
+    r = assert_shrinks_exactly(f, v, jax.random.normal(jax.random.key(1), (2, 3, 4, 1)))
+    assert r.variables["w1"].shape == (4, 8)

@@ -91,7 +91,10 @@ def _reshape(t, eqn, scope, sub):
             else:
                 break
         ins, outs = xa[i0:i], oa[j0:j]
-        if len(ins) == 1:
+        if not ins or not outs:  # trailing size-1 axes on one side only
+            for n in ins + outs:
+                t.uf.freeze(n, "size-1 axis added or removed by reshape")
+        elif len(ins) == 1:
             t.uf.set_struct(ins[0], "prod", outs) if len(outs) > 1 else t.uf.union(ins[0], outs[0])
         elif len(outs) == 1:
             t.uf.set_struct(outs[0], "prod", ins)
