@@ -8,9 +8,10 @@ masks back onto parameters::
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import (allocation, criteria, data, distributed, lottery, masks, schedules, scores, sparse_training,
-                      structured, threshold, tree)
+from jaxprune import (allocation, criteria, data, diagnostics, distributed, lottery, masks, schedules, scores,
+                      sparse_training, structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
+from jaxprune.diagnostics import PruningWarning
 from jaxprune.report import summary
 from jaxprune.sparse_training import (fixed_masks, rigl, sparse_evolutionary, static_sparse, ste,
                                       ste_apply)
@@ -32,9 +33,11 @@ __all__ = [
     "MaskRule",
     "PruneState",
     "PrunedState",
+    "PruningWarning",
     "allocation",
     "apply_masks",
     "criteria",
+    "diagnostics",
     "checkpoint",
     "data",
     "distributed",
