@@ -13,6 +13,7 @@ go first). NaN scores rank lowest and are pruned first.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -124,8 +125,7 @@ def _negative_check(paths, xs, elementwise, signed: bool):
     passed as scores) unless they are ``signed`` on purpose."""
     if signed or elementwise is jnp.abs:
         return None
-    f = (lambda x: x) if elementwise is None else elementwise
-    flags = jnp.stack([jnp.any(f(x) < 0) for x in xs])
+    flags = _any_negative(xs, elementwise)
 
     def fmt(found):
         if not found.any():
@@ -135,6 +135,17 @@ def _negative_check(paths, xs, elementwise, signed: bool):
                 "negative weights first. Pass jaxprune.scores.magnitude(params), or "
                 "signed=True if the scores are signed on purpose (e.g. movement pruning)")
     return flags, fmt
+
+
+@functools.partial(jax.jit, static_argnums=1)  # eagerly: one program, not one per leaf
+def _any_negative(xs, elementwise=None):
+    f = (lambda x: x) if elementwise is None else elementwise
+    return jnp.stack([jnp.any(f(x) < 0) for x in xs])
+
+
+@jax.jit
+def _kept_counts(keep):
+    return [jnp.sum(k, dtype=jnp.uint32) for k in keep]
 
 
 def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Sparsity,
@@ -188,7 +199,7 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
     (each leaf's kept set is a top set of the same order), so the common
     case costs one count per leaf."""
     floors = _floors(xs, sparsity, min_density)
-    counts = [jnp.sum(k, dtype=jnp.uint32) for k in keep]
+    counts = _kept_counts(keep)
     below = jnp.stack([c < f for c, f in zip(counts, floors)])
     free = total - sum(floors)
 
@@ -355,19 +366,24 @@ def _n_of_m(scores, n, m, axis, where, signed, reporter=None) -> PyTree:
                 f"n_of_m: leaf '{path}' of shape {tuple(x.shape)} has length {x.shape[ax]} on "
                 f"{what}, not a multiple of m={m}. Pass axis= for a divisible axis, or leave "
                 f"the leaf out with where= (e.g. a classifier head)")
-        moved = jnp.moveaxis(x, ax, -1)
-        keys = threshold.order_keys(moved, x.dtype.itemsize > 4)
-        keys = keys.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-        idx = jnp.arange(m)
-        below = jnp.zeros(keys.shape, jnp.int32)
-        for j in range(m):  # m is small and static: m fused compares, no sort
-            kj = keys[..., j:j + 1]
-            below += (kj < keys) | ((kj == keys) & (j < idx))
-        keep = (below >= m - n).reshape(moved.shape)
-        out.append(jnp.moveaxis(keep, -1, ax))
+        out.append(_n_of_m_leaf(x, n, m, ax))
     (reporter or diagnostics.Reporter()).report(
         [_negative_check([p for p, _ in picked], [x for _, x in picked], None, signed)])
     return _rebuild(treedef, chosen, out)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # eagerly: one program per leaf shape
+def _n_of_m_leaf(x: jax.Array, n: int, m: int, ax: int) -> jax.Array:
+    moved = jnp.moveaxis(x, ax, -1)
+    keys = threshold.order_keys(moved, x.dtype.itemsize > 4)
+    keys = keys.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    idx = jnp.arange(m)
+    below = jnp.zeros(keys.shape, jnp.int32)
+    for j in range(m):  # m is small and static: m fused compares, no sort
+        kj = keys[..., j:j + 1]
+        below += (kj < keys) | ((kj == keys) & (j < idx))
+    keep = (below >= m - n).reshape(moved.shape)
+    return jnp.moveaxis(keep, -1, ax)
 
 
 def block(scores: PyTree, sparsity: Sparsity, block_shape: tuple[int, int] = (4, 4),

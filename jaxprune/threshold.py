@@ -105,6 +105,7 @@ def prune_count(sparsity: Union[float, jax.Array], n: Union[int, jax.Array]) -> 
     return _exact_round_product(s, jnp.asarray(n).astype(jnp.uint32))
 
 
+@jax.jit  # one small program, not ~60 eager ops
 def _exact_round_product(s: jax.Array, n: jax.Array) -> jax.Array:
     """``round_half_even(s * n)`` for a float32 ``s`` in [0, 1] and a uint32
     ``n``, exactly, in uint32 arithmetic.
