@@ -181,36 +181,32 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
     xs = [_normalized(x, normalize, p) for p, x in zip(paths, xs)]
     total = sum(x.size for x in xs)
     n_prune = threshold.prune_count(sparsity, total)
-    # Keep-masks straight from the selection: no negated copy is written.
-    keep = threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
     if min_density == 0.0 or len(xs) < 2:
         reporter.report(checks)
-        return keep
+        # Keep-masks straight from the selection: no negated copy is written.
+        return threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
     keep, guard_checks = _guarded(paths, xs, sparsity, min_density, kept, elementwise,
-                                  n_prune, total, keep)
+                                  n_prune, total)
     reporter.report(checks + guard_checks)
     return keep
 
 
-def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total, keep):
-    """Re-selects with each leaf's floor protected when the global selection
-    ``keep`` leaves some leaf below its floor (layer collapse). When no leaf
-    is below, protecting the floors would select exactly ``keep`` again
-    (each leaf's kept set is a top set of the same order), so the common
-    case costs one count per leaf."""
+def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total):
+    """The global selection with every leaf held at its floor.
+
+    The plain selection is made first. If it leaves no leaf below its floor
+    it is the answer: protecting each leaf's top-floor entries would select
+    the same entries (a leaf's kept set is a top set of the same order).
+    Otherwise the leaves below are protected (their top-floor entries rank
+    above everything) and the selection is redone; a leaf pushed below its
+    floor by that joins them, until none is below. The result equals
+    protecting every leaf's floor at once. Under ``jit`` this is one
+    ``while_loop`` whose body holds the only copy of the selection, so the
+    guard adds one count per leaf to a mask update and two small bisection
+    loops per leaf to the program, not a second selection.
+    """
     floors = _floors(xs, sparsity, min_density)
-    counts = _kept_counts(keep)
-    below = jnp.stack([c < f for c, f in zip(counts, floors)])
     free = total - sum(floors)
-
-    def guarded():
-        protected = [threshold._select([x], x.size - f, None, None, [d], elementwise,
-                                       keep=True)[0]
-                     for x, f, d in zip(xs, floors, kept)]
-        return threshold._select(xs, jnp.minimum(n_prune, free) if not _static(n_prune, free)
-                                 else min(n_prune, free), protected, None, kept, elementwise,
-                                 keep=True)
-
     if _static(n_prune, free):
         if n_prune > free:
             raise ValueError(
@@ -219,26 +215,100 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
                    "the default layer-collapse guard (a tenth of each leaf's uniform share)")
                 + f" keeps {total - free}; lower the sparsity, or pass min_density=0.0 to let "
                 "global pruning empty whole leaves")
-    if not isinstance(below, jax.core.Tracer):
-        keep = guarded() if bool(below.any()) else keep
+        n_guarded, over = n_prune, jnp.asarray(False)
     else:
-        keep = lax.cond(jnp.any(below), guarded, lambda: keep)
+        n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
+        over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+
+    def below(keep, protect):
+        counts = _kept_counts(keep)
+        return jnp.stack([c < f for c, f in zip(counts, floors)]) & ~protect
+
+    def select(protect):
+        # zeros_like keeps each leaf's sharding (both cond branches must match).
+        protected = [lax.cond(protect[i], lambda i=i: _top_entries(xs[i], floors[i], kept[i],
+                                                                    elementwise),
+                              lambda i=i: jnp.zeros_like(xs[i], dtype=bool))
+                     for i in range(len(xs))]
+        return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
+
+    protect = jnp.zeros(len(xs), bool)
+    if _static(sparsity):  # eager or traced: n_prune is a Python int here
+        keep = threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
+        under = below(keep, protect)
+    if _static(sparsity) and not isinstance(under, jax.core.Tracer):
+        while bool(under.any()):
+            protect = protect | under
+            keep = select(protect)
+            under = below(keep, protect)
+    else:
+        def body(carry):
+            protect, _, under, _ = carry
+            protect = protect | under
+            keep = select(protect)
+            return protect, keep, below(keep, protect), jnp.asarray(False)
+
+        start = (protect, [jnp.ones_like(x, dtype=bool) for x in xs],
+                 jnp.zeros(len(xs), bool), jnp.asarray(True))  # the first pass: no protection
+        protect, keep, _, _ = lax.while_loop(lambda c: c[3] | jnp.any(c[2]), body, start)
     if min_density is not None:
         return keep, []  # an explicit floor was asked for: nothing to report
 
     def fmt(flags):
-        over, below = bool(flags[0]), flags[1:]
-        if not below.any():
+        over, held = bool(flags[0]), flags[1:]
+        if not held.any():
             return None
-        return (f"scope='global' would empty or nearly empty {diagnostics.leaves_flagged(paths, below)} (layer "
-                "collapse): the default guard keeps in every leaf at least a tenth of its "
-                "uniform share" + (", pruning fewer entries than asked, since the floors "
-                                   "exceed what the sparsity keeps" if over else
-                                   "; the total count is unchanged")
+        return (f"scope='global' would empty or nearly empty "
+                f"{diagnostics.leaves_flagged(paths, held)} (layer collapse): the default guard "
+                "keeps in every leaf at least a tenth of its uniform share"
+                + (", pruning fewer entries than asked, since the floors exceed what the "
+                   "sparsity keeps" if over else "; the total count is unchanged")
                 + ". Pass min_density=0.0 to allow it, or min_density=d to set the floor")
-    over = jnp.asarray(n_prune) > jnp.asarray(free) if not _static(n_prune, free) else \
-        jnp.asarray(False)
-    return keep, [(jnp.concatenate([over[None], below]), fmt)]
+    return keep, [(jnp.concatenate([over[None], protect]), fmt)]
+
+
+def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax.Array:
+    """Exactly the ``k`` highest-ranked entries of one leaf (ties: the later
+    flat index first, as in the global ranking; ``kept`` False ranks lowest).
+
+    Found by bisection: the k-th highest order key (one counting pass per
+    key bit), then the tie cut among equal keys (one pass per index bit).
+    Each pass is a compare and a sum, so this compiles to two small loops
+    per leaf (the radix select would add a full engine per leaf) and keeps a
+    sharded leaf sharded; it only runs where the layer-collapse guard acts.
+    """
+    score = x if elementwise is None else elementwise(x)
+    wide = jnp.dtype(score.dtype).itemsize > 4
+    keys = threshold.order_keys(score, wide)
+    if kept is not None:
+        keys = jnp.where(kept, keys, keys.dtype.type(0))
+    udt = keys.dtype
+    k = jnp.asarray(k, udt)
+
+    def count(mask):
+        return jnp.sum(mask, dtype=udt)
+
+    def key_step(_, bounds):  # largest t with count(keys >= t) >= k
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        ok = count(keys >= mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    bits = udt.itemsize * 8
+    t, _ = lax.fori_loop(0, bits, key_step, (udt.type(0), udt.type(np.iinfo(udt).max)))
+    need = k - count(keys > t)  # ties at t to keep, from the last index down
+    index = threshold._flat_index(keys).astype(udt)
+    tie = keys == t
+
+    def index_step(_, bounds):  # smallest c with count(tie & index >= c) <= need
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = count(tie & (index >= mid)) <= need
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    cut, _ = lax.fori_loop(0, max(int(x.size), 1).bit_length() + 1, index_step,
+                           (udt.type(0), udt.type(x.size)))
+    return ((keys > t) | (tie & (index >= cut))) & (k > 0)
 
 
 def _static(*values) -> bool:
