@@ -74,11 +74,12 @@ def test_sparsity_set_through_inject_hyperparams_takes_effect_at_the_next_step()
 def test_out_of_range_hand_set_sparsity_is_refused_masks_kept_and_reported(bad):
     params = params_of()
     tx = _injected(sparsity=0.5)
-    step = jax.jit(lambda p, s: tx.update(grads_like(p), s, p))
-    _, state = step(params, tx.init(params))
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(grads_like(p), s, p)))
+    params, state = step(params, tx.init(params))
     before = jaxprune.masks_of(state)
     with pytest.warns(jaxprune.PruningWarning, match=r"not in \[0, 1\].*masks were kept"):
-        _, state = step(params, _set_sparsity(state, bad))
+        params, state = step(params, _set_sparsity(state, bad))
         jax.effects_barrier()
     jax.tree.map(np.testing.assert_array_equal, jaxprune.masks_of(state), before)
     assert int(state[1].inner_state.refused) == 1
@@ -238,7 +239,7 @@ def test_global_pruning_of_a_fresh_cnn_keeps_every_layer_and_trains():
     scores = jaxprune.scores.magnitude(variables["params"])
     unguarded = jaxprune.masks.unstructured(scores, 0.9, scope="global", min_density=0.0)
     assert float(unguarded["Conv_1"]["kernel"].mean()) == 0.0  # the collapse of the issue
-    tx = optax.chain(optax.adam(3e-3), jaxprune.prune(sparsity=0.9, scope="global"))
+    tx = optax.chain(optax.adam(1e-2), jaxprune.prune(sparsity=0.9, scope="global"))
 
     @jax.jit
     def step(params, stats, state):
@@ -260,4 +261,5 @@ def test_global_pruning_of_a_fresh_cnn_keeps_every_layer_and_trains():
     masks = jaxprune.masks_of(state)
     assert all(float(m.mean()) > 0 for m in jax.tree.leaves(masks))
     assert float(jaxprune.sparsity(masks)) == pytest.approx(0.9, abs=1e-4)
-    assert min(losses[-5:]) < math.log(10) - 0.3, losses[-5:]
+    # Without the guard the output is constant and the loss stays at 2.295 (measured).
+    assert losses[-1] < math.log(10) - 0.5, losses[::5]
