@@ -6,9 +6,11 @@ selected leaf and ``None`` for every other leaf, so unselected leaves cost no
 mask memory. ``jaxprune.apply_masks`` understands that convention.
 
 Counts are exact: a leaf (or, under ``scope="global"``, all selected leaves
-together) of ``n`` entries loses exactly ``round(sparsity * n)`` of them. Ties
-are broken deterministically by leaf order, then flat index (earlier entries
-go first). NaN scores rank lowest and are pruned first.
+together) of ``n`` entries loses exactly ``threshold.prune_count(sparsity, n)``
+of them: ``float32(sparsity) * n`` rounded half to even, the same eagerly and
+under ``jit``. Ties are broken deterministically by leaf order, then flat
+index (earlier entries go first). NaN scores rank lowest and are pruned first.
+Scores are "larger = kept"; negative scores warn unless ``signed=True``.
 """
 
 from __future__ import annotations

@@ -184,6 +184,7 @@ def drop_and_grow(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
     >>> drop_and_grow(mask, jnp.abs(w), jnp.abs(g), 0.5).tolist()
     [False, True, False, True]
     """
+    allocation.check_sparsity(fraction, "fraction")
     n_active = jnp.sum(mask, dtype=jnp.int32)
     n_drop = threshold.prune_count(jnp.asarray(fraction, jnp.float32), n_active)
     # Inactive entries are protected: they rank above every active score.

@@ -12,7 +12,9 @@ histograms cross devices. Ties at the threshold are broken by leaf order, then
 flat index: only when a tie must be split, one more pass counts ties per row
 and one row per leaf finds where the cut falls.
 
-NaN ranks lowest (below -inf): a NaN score is pruned first.
+NaN ranks lowest (below -inf): a NaN score is pruned first. Integer scores
+are ranked exactly through keys built from their bits (``order_keys``).
+How many entries a sparsity prunes is ``prune_count``, the one count rule.
 """
 
 from __future__ import annotations
@@ -322,8 +324,10 @@ def lowest(scores: Sequence[jax.Array], n_prune,
     """Boolean "pruned" arrays marking exactly the ``n_prune`` lowest scores.
 
     Args:
-      scores: float arrays of any shapes and float dtypes (float64 scores use
-        64-bit keys). NaN ranks lowest.
+      scores: arrays of any shapes, all floating or all integer (float64 and
+        int64 scores use 64-bit keys). NaN ranks lowest. Integers are ranked
+        exactly; a 32-bit integer equal to its dtype's minimum (maximum) ties
+        with ``demoted`` (``protected``) entries, broken by position.
       n_prune: how many entries to mark (Python int or traced int), clipped to
         ``[0, total - protected]``.
       protected: optional bool arrays (or None) aligned with ``scores``; True
