@@ -225,19 +225,19 @@ class _Checks(NamedTuple):
     zeros: bool = True      # pruned weights arrive at exactly 0 (the chain order)
 
 
-def _param_checks(checks: _Checks, params, old_masks, masks, check_step):
-    """Per-leaf flags, read where the update step reads the params anyway:
-    non-finite weights at pruned positions (no update can zero them), and
-    nonzero pruned weights one step after an update (something after the
-    transformation changed its updates)."""
-    pairs = [(path, mk, old, p) for (path, mk), old, p in zip(
-        leaves_with_paths(masks, keep_none=True),
-        jax.tree.leaves(old_masks, is_leaf=lambda x: x is None),
-        jax.tree.leaves(params)) if mk is not None]
+def _param_checks(checks: _Checks, params, masks, check_step):
+    """Per-leaf flags under the current masks, read where the update step
+    reads the params anyway: non-finite weights at pruned positions (no
+    update can zero them; a weight pruned at this update is seen on the
+    step after it, which is checked too), and nonzero pruned weights one
+    step after an update (something after the transformation changed its
+    updates)."""
+    pairs = [(path, mk, p) for (path, mk), p in zip(
+        leaves_with_paths(masks, keep_none=True), jax.tree.leaves(params)) if mk is not None]
     if not pairs or not checks.params:
         return []
     paths = [path for path, *_ in pairs]
-    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for _, mk, _, p in pairs])
+    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for _, mk, p in pairs])
     out = [(nonfinite, lambda f: None if not f.any() else (
         f"non-finite weights (NaN/inf) at pruned positions of "
         f"{diagnostics.leaves_flagged(paths, f)}: p + (-p) is NaN there, so no update can zero "
@@ -245,7 +245,7 @@ def _param_checks(checks: _Checks, params, old_masks, masks, check_step):
         "jaxprune.masks_of(opt_state)); NaN weights come from a diverged step (lower the "
         "learning rate, clip gradients)"))]
     if checks.zeros:
-        moved = jnp.stack([jnp.any(~old & (p != 0) & jnp.isfinite(p)) for _, _, old, p in pairs])
+        moved = jnp.stack([jnp.any(~mk & (p != 0) & jnp.isfinite(p)) for _, mk, p in pairs])
         out.append((moved & check_step, lambda f: None if not f.any() else (
             f"pruned weights of {diagnostics.leaves_flagged(paths, f)} are not zero after the "
             f"step: a transformation after {checks.who} changed its updates, or the params "
@@ -290,14 +290,21 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
     def keep():
         return state.masks, stats
 
+    refusal = jnp.stack([(is_update & ~valid).astype(jnp.float32), requested])
+    refused = (refusal, lambda r: None if not r[..., 0].any() else (
+        f"{checks.who}: sparsity {float(r.reshape(-1, 2)[0, 1])} is not in [0, 1]; the "
+        "masks were kept as they were (PruneState.refused counts such steps)"))
+
+    def checked(branch):
+        # Each branch reports what it read: the params under the current masks.
+        def run():
+            checks.reporter.report([refused] + _param_checks(checks, params, state.masks,
+                                                             check_step))
+            return branch()
+        return run
+
     def update_or_check():
-        masks, new_stats = lax.cond(apply, do_update, keep)
-        refusal = jnp.stack([(is_update & ~valid).astype(jnp.float32), requested])
-        checks.reporter.report([(refusal, lambda r: None if not r[..., 0].any() else (
-            f"{checks.who}: sparsity {float(r.reshape(-1, 2)[0, 1])} is not in [0, 1]; the "
-            "masks were kept as they were (PruneState.refused counts such steps)"))]
-            + _param_checks(checks, params, state.masks, masks, check_step))
-        return masks, new_stats
+        return lax.cond(apply, checked(do_update), checked(keep))
 
     masks, stats = lax.cond(is_update | check_step, update_or_check, keep)
     bookkeeping = dict(sparsity=jnp.where(apply, requested, state.sparsity),
