@@ -11,7 +11,7 @@ masks back onto parameters::
 from jaxprune import (allocation, criteria, data, diagnostics, distributed, lottery, masks, schedules, scores,
                       sparse_training, structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
-from jaxprune.diagnostics import PruningWarning
+from jaxprune.diagnostics import PruningWarning, check
 from jaxprune.report import summary
 from jaxprune.sparse_training import (fixed_masks, rigl, sparse_evolutionary, static_sparse, ste,
                                       ste_apply)
@@ -36,6 +36,7 @@ __all__ = [
     "PruningWarning",
     "allocation",
     "apply_masks",
+    "check",
     "criteria",
     "diagnostics",
     "checkpoint",

@@ -119,7 +119,7 @@ def _checked_sparsity(sparsity, reporter: diagnostics.Reporter):
             return None if bad.size == 0 else (
                 f"sparsity {bad.reshape(-1)[0]} is outside [0, 1] and was clipped to "
                 f"{np.clip(np.nan_to_num(bad.reshape(-1)[0]), 0.0, 1.0)}")
-        reporter.report([(jnp.asarray(sparsity, jnp.float32), fmt)])
+        reporter.report([("sparsity", jnp.asarray(sparsity, jnp.float32), fmt)])
 
 
 def _negative_check(paths, xs, elementwise, signed: bool):
@@ -128,15 +128,8 @@ def _negative_check(paths, xs, elementwise, signed: bool):
     if signed or elementwise is jnp.abs:
         return None
     flags = _any_negative(xs, elementwise)
-
-    def fmt(found):
-        if not found.any():
-            return None
-        return (f"scores of {diagnostics.leaves_flagged(paths, found)} contain negative values, "
-                "but masks keep the HIGHEST scores: raw weights as scores prune large "
-                "negative weights first. Pass jaxprune.scores.magnitude(params), or "
-                "signed=True if the scores are signed on purpose (e.g. movement pruning)")
-    return flags, fmt
+    return ("negative", flags, lambda found: None if not found.any() else
+            diagnostics.negative_message(diagnostics.leaves_flagged(paths, found)))
 
 
 @functools.partial(jax.jit, static_argnums=1)  # eagerly: one program, not one per leaf
@@ -227,11 +220,13 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         return jnp.stack([c < f for c, f in zip(counts, floors)]) & ~protect
 
     def select(protect):
-        # zeros_like keeps each leaf's sharding (both cond branches must match).
-        protected = [lax.cond(protect[i], lambda i=i: _top_entries(xs[i], floors[i], kept[i],
-                                                                    elementwise),
-                              lambda i=i: jnp.zeros_like(xs[i], dtype=bool))
-                     for i in range(len(xs))]
+        if not isinstance(protect, jax.core.Tracer):  # eager: protect only the leaves below
+            protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
+                         if bool(protect[i]) else None for i in range(len(xs))]
+        else:  # zeros_like keeps each leaf's sharding (both cond branches must match)
+            protected = [lax.cond(protect[i], lambda i=i: _top_entries(
+                xs[i], floors[i], kept[i], elementwise),
+                lambda i=i: jnp.zeros_like(xs[i], dtype=bool)) for i in range(len(xs))]
         return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
 
     protect = jnp.zeros(len(xs), bool)
@@ -256,19 +251,15 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
     if min_density is not None:
         return keep, []  # an explicit floor was asked for: nothing to report
 
-    def fmt(flags):
-        over, held = bool(flags[0]), flags[1:]
-        if not held.any():
-            return None
-        return (f"scope='global' would empty or nearly empty "
-                f"{diagnostics.leaves_flagged(paths, held)} (layer collapse): the default guard "
-                "keeps in every leaf at least a tenth of its uniform share"
-                + (", pruning fewer entries than asked, since the floors exceed what the "
-                   "sparsity keeps" if over else "; the total count is unchanged")
-                + ". Pass min_density=0.0 to allow it, or min_density=d to set the floor")
-    return keep, [(jnp.concatenate([over[None], protect]), fmt)]
+    return keep, [
+        ("collapse", protect, lambda held: None if not held.any() else
+         diagnostics.collapse_message(diagnostics.leaves_flagged(paths, held), False)),
+        ("short", over & jnp.any(protect), lambda short: None if not short.any() else
+         "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
+         "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
 
 
+@functools.partial(jax.jit, static_argnums=3)  # eagerly: one program per leaf shape
 def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax.Array:
     """Exactly the ``k`` highest-ranked entries of one leaf (ties: the later
     flat index first, as in the global ranking; ``kept`` False ranks lowest).
@@ -297,7 +288,7 @@ def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
     bits = udt.itemsize * 8
-    t, _ = lax.fori_loop(0, bits, key_step, (udt.type(0), udt.type(np.iinfo(udt).max)))
+    t, _ = lax.fori_loop(0, bits, key_step, (jnp.zeros((), udt), jnp.asarray(np.iinfo(udt).max, udt)))
     need = k - count(keys > t)  # ties at t to keep, from the last index down
     index = threshold._flat_index(keys).astype(udt)
     tie = keys == t
@@ -309,7 +300,7 @@ def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
     cut, _ = lax.fori_loop(0, max(int(x.size), 1).bit_length() + 1, index_step,
-                           (udt.type(0), udt.type(x.size)))
+                           (jnp.zeros((), udt), jnp.asarray(x.size, udt)))
     return ((keys > t) | (tie & (index >= cut))) & (k > 0)
 
 

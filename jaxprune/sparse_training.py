@@ -34,7 +34,6 @@ from jaxprune import allocation, threshold
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion
 from jaxprune.schedules import SparsitySchedule
-from jaxprune.diagnostics import Reporter
 from jaxprune.transform import MaskRule, _Checks, _prune, pruned, schedule_rule
 from jaxprune.tree import Where, check_same_structure, is_mask_leaf, leaves_with_paths, select
 
@@ -349,8 +348,7 @@ def ste(score: Any = score_fns.magnitude,
                                                      **kwargs)
     # The dense weights train by design: pruned entries are not zero, so only
     # the sparsity is checked, not the params.
-    tracker = _prune(rule, where, seed, _Checks("jaxprune.ste", Reporter(once=True),
-                                                params=False, zeros=False))
+    tracker = _prune(rule, where, seed, _Checks("jaxprune.ste", params=False, zeros=False))
 
     def update(updates, state, params=None, **extra):
         # prune's rewritten updates are discarded (dead code under jit).

@@ -51,8 +51,10 @@ class PruneState(NamedTuple):
       last_update: the step of the last mask update (-1: none yet, 0 for
         masks drawn at ``init``).
       refused: how many mask updates were refused because the requested
-        sparsity was outside [0, 1] or NaN (the masks were kept as they were
-        and a ``PruningWarning`` was issued).
+        sparsity was outside [0, 1] or NaN (the masks were kept as they were).
+      alerts: ``jaxprune.diagnostics.Alerts``, per-leaf flags of what the
+        checks found; ``jaxprune.check(opt_state)`` turns them (and
+        ``refused``) into ``PruningWarning``s.
     """
 
     count: jax.Array
@@ -62,6 +64,7 @@ class PruneState(NamedTuple):
     sparsity: jax.Array = None
     last_update: jax.Array = None
     refused: jax.Array = None
+    alerts: Optional[diagnostics.Alerts] = None
 
 
 class PrunedState(NamedTuple):
@@ -90,6 +93,10 @@ class MaskRule(NamedTuple):
       follows_changes: masks are also updated whenever ``target`` differs
         from the sparsity of the current masks (a sparsity set by hand
         through ``optax.inject_hyperparams``).
+      reports: ``update`` returns ``(masks, findings)``, findings a dict
+        ``kind -> flags`` of ``jaxprune.diagnostics`` checks ("collapse",
+        "negative": one flag per masked leaf; "short": one), stored in
+        ``PruneState.alerts``.
     """
 
     criterion: Criterion
@@ -100,6 +107,7 @@ class MaskRule(NamedTuple):
     scores_from_params: bool = False
     target: Optional[Callable[[jax.Array], jax.Array]] = None
     follows_changes: bool = False
+    reports: bool = False
 
 
 def _mask_fn(granularity: str, scope: str, where_tree, distribution, normalize,
@@ -145,18 +153,20 @@ def schedule_rule(score: Any = score_fns.magnitude,
     fused = crit.elementwise  # e.g. |w|: computed inside the threshold passes
     # Magnitudes cannot be negative; movement scores are signed on purpose.
     signed = signed or crit.signed or fused is jnp.abs
-    # The transformation refuses out-of-range sparsities before they get here.
-    reporter = diagnostics.Reporter(once=True, sparsity_valid=True)
 
     def update(masks, scores, count, key):
+        # What the mask functions find goes to the state, not to a host callback
+        # (the transformation refused out-of-range sparsities before this).
+        reporter = diagnostics.Reporter(collect=True, sparsity_valid=True)
         # With ``fused`` set, ``scores`` are the params (scores_from_params).
         where_tree = jax.tree.map(lambda mk: mk is not None, masks,
                                   is_leaf=lambda x: x is None)
         if not regrow and granularity == "unstructured":
             # Pruned entries rank lowest, so masks nest as sparsity grows.
-            return mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
-                                          normalize, min_density, kept=masks,
-                                          elementwise=fused, signed=signed, reporter=reporter)
+            new = mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
+                                         normalize, min_density, kept=masks,
+                                         elementwise=fused, signed=signed, reporter=reporter)
+            return new, reporter.found
         if fused is not None:
             scores = jax.tree.map(fused, scores)
         if not regrow:
@@ -165,14 +175,14 @@ def schedule_rule(score: Any = score_fns.magnitude,
                 scores, masks, is_leaf=lambda x: x is None)
         fn = _mask_fn(granularity, scope, where_tree, distribution, normalize, min_density,
                       n, m, axis, block_shape, reduce, signed, reporter)
-        return fn(scores, sched(count))
+        return fn(scores, sched(count)), reporter.found
 
     # Validate options eagerly so that mistakes surface at construction.
     _mask_fn(granularity, scope, None, distribution, normalize, min_density, n, m, axis,
              block_shape, reduce)
     return MaskRule(crit, sched.is_update_step, update, grows=regrow,
                     scores_from_params=fused is not None, target=sched,
-                    follows_changes=follows_changes)
+                    follows_changes=follows_changes, reports=True)
 
 
 def _dense_masks(params: PyTree, where: Where) -> PyTree:
@@ -204,6 +214,10 @@ def _rewrite_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
     return jax.tree.map(one, masks, updates, params, is_leaf=lambda x: x is None)
 
 
+def _n_masked(masks: PyTree) -> int:
+    return sum(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
+
+
 def _init_state(rule: MaskRule, where: Where, params: PyTree, seed: int) -> PruneState:
     key = jax.random.key(seed)
     masks = (_dense_masks(params, where) if rule.init_masks is None
@@ -212,47 +226,35 @@ def _init_state(rule: MaskRule, where: Where, params: PyTree, seed: int) -> Prun
     last = -1 if rule.init_masks is None else 0
     return PruneState(jnp.zeros((), jnp.int32), masks, rule.criterion.init(params), key,
                       jnp.zeros((), jnp.float32), jnp.asarray(last, jnp.int32),
-                      jnp.zeros((), jnp.int32))
+                      jnp.zeros((), jnp.int32), diagnostics.Alerts.none(_n_masked(masks)))
 
 
 class _Checks(NamedTuple):
     """What a transformation checks on the steps that update masks and on
-    the step after each update (``who`` names it in the warnings)."""
+    the step after each update (``who`` names it in the messages)."""
 
     who: str
-    reporter: diagnostics.Reporter
     params: bool = True     # non-finite weights at pruned positions
     zeros: bool = True      # pruned weights arrive at exactly 0 (the chain order)
 
 
-def _param_checks(checks: _Checks, params, masks, check_step):
+def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array, jax.Array]:
     """Per-leaf flags under the current masks, read where the update step
     reads the params anyway: non-finite weights at pruned positions (no
     update can zero them; a weight pruned at this update is seen on the
     step after it, which is checked too), and nonzero pruned weights one
     step after an update (something after the transformation changed its
     updates)."""
-    pairs = [(path, mk, p) for (path, mk), p in zip(
-        leaves_with_paths(masks, keep_none=True), jax.tree.leaves(params)) if mk is not None]
+    pairs = [(mk, p) for mk, p in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+                                      jax.tree.leaves(params)) if mk is not None]
+    off = jnp.zeros(len(pairs), bool)
     if not pairs or not checks.params:
-        return []
-    paths = [path for path, *_ in pairs]
-    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for _, mk, p in pairs])
-    out = [(nonfinite, lambda f: None if not f.any() else (
-        f"non-finite weights (NaN/inf) at pruned positions of "
-        f"{diagnostics.leaves_flagged(paths, f)}: p + (-p) is NaN there, so no update can zero "
-        "them and they stay NaN. Zero them once with params = jaxprune.apply_masks(params, "
-        "jaxprune.masks_of(opt_state)); NaN weights come from a diverged step (lower the "
-        "learning rate, clip gradients)"))]
-    if checks.zeros:
-        moved = jnp.stack([jnp.any(~mk & (p != 0) & jnp.isfinite(p)) for _, mk, p in pairs])
-        out.append((moved & check_step, lambda f: None if not f.any() else (
-            f"pruned weights of {diagnostics.leaves_flagged(paths, f)} are not zero after the "
-            f"step: a transformation after {checks.who} changed its updates, or the params "
-            f"were changed outside the optimizer. {checks.who} must be LAST in the chain, "
-            f"e.g. optax.chain(optax.adam(1e-3), {checks.who}(...)); or wrap the optimizer, "
-            f"jaxprune.pruned(optax.adam(1e-3), ...)")))
-    return out
+        return off, off
+    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for mk, p in pairs])
+    if not checks.zeros:
+        return nonfinite, off
+    moved = jnp.stack([jnp.any(~mk & (p != 0) & jnp.isfinite(p)) for mk, p in pairs])
+    return nonfinite, moved & check_step
 
 
 def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
@@ -263,6 +265,8 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
     One ``lax.cond`` decides whether anything beyond the statistics runs:
     on mask-update steps and on the step after each update (where the
     checks read params and masks); every other step takes the empty branch.
+    Nothing here calls back to the host, so the jitted step keeps JAX's
+    fast dispatch path.
     """
     crit = rule.criterion
     stats = state.stats
@@ -279,37 +283,39 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         requested, valid = state.sparsity, jnp.asarray(True)
     apply = is_update & valid
     check_step = count == state.last_update + 1
+    none = diagnostics.Alerts.none(_n_masked(state.masks))
+
+    def found(nonfinite, nonzero, from_rule):
+        return none._replace(nonfinite=nonfinite, nonzero=nonzero, **{
+            k: jnp.asarray(v, bool).reshape(getattr(none, k).shape)
+            for k, v in from_rule.items() if k in none._fields})
 
     def do_update():
         key = jax.random.fold_in(state.key, count)
         scores = params if rule.scores_from_params else crit.score(stats, params, grads, key)
         new = rule.update(state.masks, scores, count, key)
+        new, from_rule = new if rule.reports else (new, {})
         new_stats = crit.init(params) if crit.reset_after_update else stats
-        return new, new_stats
-
-    def keep():
-        return state.masks, stats
-
-    refusal = jnp.stack([(is_update & ~valid).astype(jnp.float32), requested])
-    refused = (refusal, lambda r: None if not r[..., 0].any() else (
-        f"{checks.who}: sparsity {float(r.reshape(-1, 2)[0, 1])} is not in [0, 1]; the "
-        "masks were kept as they were (PruneState.refused counts such steps)"))
+        return new, new_stats, from_rule
 
     def checked(branch):
-        # Each branch reports what it read: the params under the current masks.
+        # Each branch reads the params under the current masks itself: reading
+        # them around the update would keep both mask sets alive (a copy).
         def run():
-            checks.reporter.report([refused] + _param_checks(checks, params, state.masks,
-                                                             check_step))
-            return branch()
+            flags = _param_checks(checks, params, state.masks, check_step)
+            masks, new_stats, from_rule = branch()
+            return masks, new_stats, found(*flags, from_rule)
         return run
 
     def update_or_check():
-        return lax.cond(apply, checked(do_update), checked(keep))
+        return lax.cond(apply, checked(do_update), checked(lambda: (state.masks, stats, {})))
 
-    masks, stats = lax.cond(is_update | check_step, update_or_check, keep)
+    masks, stats, alerts = lax.cond(is_update | check_step, update_or_check,
+                                    lambda: (state.masks, stats, none))
     bookkeeping = dict(sparsity=jnp.where(apply, requested, state.sparsity),
                        last_update=jnp.where(apply, count, state.last_update),
-                       refused=state.refused + (is_update & ~valid).astype(jnp.int32))
+                       refused=state.refused + (is_update & ~valid).astype(jnp.int32),
+                       alerts=state.alerts.merge(alerts))
     return apply, masks, stats, bookkeeping
 
 
@@ -340,12 +346,15 @@ def prune(score: Any = score_fns.magnitude,
     change the updates again and break that; use ``pruned(inner)`` to wrap an
     optimizer instead when the chain cannot end with ``prune``.
 
-    Checks (``jaxprune.PruningWarning``, each message once): on the step
-    after every mask update, pruned weights that arrive nonzero (the chain
-    order is wrong), and, then and on update steps, NaN/inf weights at
-    pruned positions (no update can zero them: ``jaxprune.apply_masks``
-    does). They run inside the mask-update ``lax.cond``, so ordinary steps
-    cost only the fused ``where``.
+    Checks, recorded per leaf in ``PruneState.alerts`` and issued as
+    ``jaxprune.PruningWarning`` by ``jaxprune.check(opt_state)`` (and by
+    ``masks_of`` / ``sparsity_of``): on the step after every mask update,
+    pruned weights that arrive nonzero (the chain order is wrong); then and
+    on update steps, NaN/inf weights at pruned positions (no update can zero
+    them: ``jaxprune.apply_masks`` does); the global-scope layer-collapse
+    guard acting; negative scores. They run inside the mask-update
+    ``lax.cond``, so ordinary steps cost only the fused ``where``, and no
+    host callback enters the step (it would slow every step's dispatch).
 
     Args:
       score: a ``jaxprune.scores`` function, a ``Criterion``, or any
@@ -356,8 +365,8 @@ def prune(score: Any = score_fns.magnitude,
         whenever it is changed through ``optax.inject_hyperparams``), a
         ``jaxprune.schedules`` schedule, or any optax schedule
         ``step -> sparsity``. A value outside [0, 1] at an update step is
-        refused: the masks stay, ``PruneState.refused`` counts it, and a
-        ``PruningWarning`` says so.
+        refused: the masks stay, ``PruneState.refused`` counts it, and
+        ``jaxprune.check`` warns.
       scope, where, distribution, normalize, min_density, signed: as in
         ``jaxprune.masks.unstructured`` (global scope has the same default
         layer-collapse guard).
@@ -390,7 +399,7 @@ def prune(score: Any = score_fns.magnitude,
         scope=scope, granularity=granularity, distribution=distribution, normalize=normalize,
         min_density=min_density, n=n, m=m, axis=axis, block_shape=block_shape, reduce=reduce,
         every=every, regrow=regrow, signed=signed))
-    return _prune(rule, where, seed, _Checks("jaxprune.prune", diagnostics.Reporter(once=True)))
+    return _prune(rule, where, seed, _Checks("jaxprune.prune"))
 
 
 def _prune(rule: MaskRule, where: Where, seed: int, checks: _Checks
@@ -448,7 +457,7 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
     [[0.0, 0.0], [2.990000009536743, -3.990000009536743]]
     """
     rule = _build_rule(rule, score, sparsity, kwargs)
-    checks = _Checks("jaxprune.pruned", diagnostics.Reporter(once=True))
+    checks = _Checks("jaxprune.pruned")
 
     def init(params):
         return PrunedState(inner.init(params), _init_state(rule, where, params, seed))
@@ -482,7 +491,9 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
 
 
 def masks_of(state: optax.OptState) -> PyTree:
-    """The masks held anywhere in an optimizer state (``optax.tree.get``)."""
+    """The masks held anywhere in an optimizer state (``optax.tree.get``).
+    Warns about the alerts recorded in the state (``jaxprune.check``)."""
+    diagnostics.check(state)
     found = optax.tree_utils.tree_get(state, "masks")
     if found is None:
         raise ValueError("no jaxprune masks in this optimizer state")
@@ -490,7 +501,8 @@ def masks_of(state: optax.OptState) -> PyTree:
 
 
 def sparsity_of(state: optax.OptState) -> jax.Array:
-    """Current sparsity of the masks in an optimizer state."""
+    """Current sparsity of the masks in an optimizer state (warns about its
+    alerts, like ``masks_of``)."""
     from jaxprune.apply import sparsity
     return sparsity(masks_of(state))
 
