@@ -169,8 +169,10 @@ def alert_messages(state: Any, who: str) -> list[str]:
     refused = getattr(state, "refused", None)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((alerts, refused))):
         return out  # inside a trace: nothing to read yet
-    if refused is not None and int(np.asarray(refused)) > 0:
-        out.append(refused_message(int(np.asarray(refused)), who))
+    # Replicated states (pmap) carry a leading device axis: the worst device counts.
+    refused = None if refused is None else int(np.max(np.asarray(refused), initial=0))
+    if refused:
+        out.append(refused_message(refused, who))
     if alerts is None:
         return out
     from jaxprune.tree import leaves_with_paths

@@ -200,7 +200,7 @@ def test_n_of_m_keeps_exactly_n_in_every_group(w, nm):
     for axis in (0, 1):
         if w.shape[axis] % m:
             continue
-        got = M.n_of_m({"w": jnp.asarray(w)}, n, m, axis=axis)["w"]
+        got = M.n_of_m({"w": jnp.asarray(w)}, n, m, axis=axis, signed=True)["w"]
         groups = np.moveaxis(np.asarray(got), axis, -1).reshape(-1, m)
         assert (groups.sum(-1) == n).all()
         vals = np.moveaxis(w, axis, -1).reshape(-1, m)
