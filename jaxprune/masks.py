@@ -159,8 +159,8 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
     if scope == "local":
         per_leaf = allocation.allocate(sparsity, distribution, paths,
                                        [tuple(x.shape) for x in xs])
-        for s in per_leaf:
-            _checked_sparsity(s, reporter)
+        if not isinstance(sparsity, Mapping) and not isinstance(distribution, Mapping):
+            _checked_sparsity(sparsity, reporter)
         reporter.report([_negative_check(paths, xs, elementwise, signed)])
         return [threshold._select([x], threshold.prune_count(s, x.size), None, None, [d],
                                   elementwise, keep=True)[0]
@@ -196,8 +196,9 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
     above everything) and the selection is redone; a leaf pushed below its
     floor by that joins them, until none is below. The result equals
     protecting every leaf's floor at once. Under ``jit`` this is one
-    ``while_loop`` whose body holds the only copy of the selection, so the
-    guard adds one count per leaf to a mask update and two small bisection
+    ``while_loop`` whose body holds the only copy of the selection (its
+    first pass protects nothing), so the guard adds one count per leaf and
+    an all-False protection mask to a mask update, and two small bisection
     loops per leaf to the program, not a second selection.
     """
     floors = _floors(xs, sparsity, min_density)
@@ -221,8 +222,10 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
 
     def select(protect):
         if not isinstance(protect, jax.core.Tracer):  # eager: protect only the leaves below
+            # (all-False masks elsewhere, not None: one compiled selection for every case)
             protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
-                         if bool(protect[i]) else None for i in range(len(xs))]
+                         if bool(protect[i]) else jnp.zeros_like(xs[i], dtype=bool)
+                         for i in range(len(xs))]
         else:  # zeros_like keeps each leaf's sharding (both cond branches must match)
             protected = [lax.cond(protect[i], lambda i=i: _top_entries(
                 xs[i], floors[i], kept[i], elementwise),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jaxprune
 from jaxprune import masks as M
@@ -391,3 +391,49 @@ def test_n_of_m_defaults_to_the_reduction_axis_of_dense_and_conv_kernels():
     assert (conv.reshape(3, 3, 2, 4, 6).sum(3) == 2).all()
     with pytest.raises(ValueError, match=r"'head/kernel'.*length 10 on its reduction axis 0.*axis="):
         M.n_of_m({"head": {"kernel": jnp.ones((10, 4))}}, 2, 4)
+
+
+def guarded_reference(leaves, s, min_density):
+    """Every leaf's top floor entries protected, then the lowest of the rest by
+    (value, leaf order, flat index): what the layer-collapse guard must select."""
+    n = [x.size for x in leaves]
+    if min_density is None:
+        floors = [-(-(k - count_rule(s, k)) // M.GUARD_SHARE) for k in n]
+    else:
+        floors = [min(int(np.ceil(min_density * k)), k) for k in n]
+    protected = []
+    for x, f in zip(leaves, floors):
+        order = np.lexsort((np.arange(x.size), x.ravel()))  # ascending; ties: earlier first
+        p = np.zeros(x.size, bool)
+        p[order[x.size - f:]] = True
+        protected.append(p)
+    vals = np.concatenate([x.ravel() for x in leaves]).astype(np.float64)
+    prot = np.concatenate(protected)
+    k = min(count_rule(s, sum(n)), sum(n) - sum(floors))
+    order = np.lexsort((np.arange(vals.size), vals, prot))
+    keep = np.ones(vals.size, bool)
+    keep[order[:k]] = False
+    return np.split(keep, np.cumsum(n)[:-1])
+
+
+_jit_guarded = jax.jit(lambda xs, s: M.unstructured(xs, s, scope="global"))
+
+
+@settings(max_examples=12)
+@given(st.tuples(hnp.arrays(np.float32, (4, 4), elements=st.integers(0, 3).map(float)),
+                 hnp.arrays(np.float32, (2, 8), elements=st.integers(0, 3).map(float)),
+                 hnp.arrays(np.float32, (8, 2), elements=st.integers(0, 3).map(float))),
+       st.floats(0.0, 0.96875, width=32), st.sampled_from([None, 0.25]))
+def test_layer_collapse_guard_equals_protecting_every_floor_at_once(leaves, s, min_density):
+    leaves = tuple(x * (i + 1) ** 3 for i, x in enumerate(leaves))  # very different scales
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaxprune.PruningWarning)
+        try:
+            eager = M.unstructured(leaves, s, scope="global", min_density=min_density)
+        except ValueError as e:  # floors that exceed what s keeps are refused eagerly
+            assert "min_density" in str(e)
+            return
+        traced = (_jit_guarded(leaves, jnp.float32(s)) if min_density is None else eager)
+    for got in (eager, traced):
+        for g, r in zip(got, guarded_reference([np.asarray(x) for x in leaves], s, min_density)):
+            np.testing.assert_array_equal(np.asarray(g).ravel(), r)
