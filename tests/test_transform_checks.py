@@ -281,3 +281,16 @@ def test_global_magnitude_masks_of_the_fresh_cnn_keep_conv_1_and_say_so():
     assert int(masks["Conv_1"]["kernel"].sum()) == 185
     n = sum(m.size for m in jax.tree.leaves(masks))
     assert sum(int((~m).sum()) for m in jax.tree.leaves(masks)) == round(np.float32(0.9) * n)
+
+
+def test_n_of_m_in_prune_and_ste_defaults_to_the_input_axis_of_a_ten_class_head():
+    params = params_of(4, sizes=(8, 16, 10))  # Dense_1/kernel (16, 10): axis -1 would not divide
+    for tx in (optax.chain(optax.sgd(0.1), jaxprune.prune(granularity="n_of_m")),
+               optax.chain(optax.sgd(0.1), jaxprune.ste(granularity="n_of_m"))):
+        _, state = tx.update(params, tx.init(params), params)
+        head = np.asarray(jaxprune.masks_of(state)["Dense_1"]["kernel"])
+        assert (head.reshape(4, 4, 10).sum(axis=1) == 2).all()  # 2 of every 4 inputs
+    odd = params_of(4, sizes=(6, 16, 10))  # Dense_0/kernel (6, 16): 6 inputs
+    tx = jaxprune.prune(granularity="n_of_m")
+    with pytest.raises(ValueError, match=r"'Dense_0/kernel'.*reduction axis 0.*axis="):
+        tx.update(odd, tx.init(odd), odd)
