@@ -304,18 +304,21 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         def run():
             flags = _param_checks(checks, params, state.masks, check_step)
             masks, new_stats, from_rule = branch()
-            return masks, new_stats, found(*flags, from_rule)
+            return masks, new_stats, dict(
+                sparsity=jnp.where(apply, requested, state.sparsity),
+                last_update=jnp.where(apply, count, state.last_update),
+                refused=state.refused + (is_update & ~valid).astype(jnp.int32),
+                alerts=state.alerts.merge(found(*flags, from_rule)))
         return run
 
     def update_or_check():
         return lax.cond(apply, checked(do_update), checked(lambda: (state.masks, stats, {})))
 
-    masks, stats, alerts = lax.cond(is_update | check_step, update_or_check,
-                                    lambda: (state.masks, stats, none))
-    bookkeeping = dict(sparsity=jnp.where(apply, requested, state.sparsity),
-                       last_update=jnp.where(apply, count, state.last_update),
-                       refused=state.refused + (is_update & ~valid).astype(jnp.int32),
-                       alerts=state.alerts.merge(alerts))
+    def ordinary():  # the bookkeeping passes through untouched
+        return state.masks, stats, dict(sparsity=state.sparsity, last_update=state.last_update,
+                                        refused=state.refused, alerts=state.alerts)
+
+    masks, stats, bookkeeping = lax.cond(is_update | check_step, update_or_check, ordinary)
     return apply, masks, stats, bookkeeping
 
 
