@@ -19,10 +19,11 @@ Three parts, each usable alone:
     sparse_params = jaxprune.apply_masks(params, masks)
 """
 
-from jaxprune import (allocation, criteria, data, distributed, lottery, masks, report, schedules, scores,
-                      sparse_training, structured, threshold, tree)
+from jaxprune import (allocation, criteria, data, diagnostics, distributed, lottery, masks, report, schedules,
+                      scores, sparse_training, structured, threshold, tree)
 from jaxprune.apply import apply_masks, sparsity
 from jaxprune.calibration import calibrate
+from jaxprune.diagnostics import PruningWarning, check
 from jaxprune.one_shot import oneshot
 from jaxprune.report import summary
 from jaxprune.sparse_training import (fixed_masks, rigl, sparse_evolutionary, static_sparse, ste,
@@ -45,10 +46,13 @@ __all__ = [
     "MaskRule",
     "PruneState",
     "PrunedState",
+    "PruningWarning",
     "allocation",
     "apply_masks",
     "calibrate",
+    "check",
     "criteria",
+    "diagnostics",
     "checkpoint",
     "data",
     "distributed",

@@ -18,18 +18,38 @@ __all__ = ["check_sparsity", "uniform", "erk", "from_mapping", "allocate"]
 
 
 def check_sparsity(value: Any, name: str = "sparsity") -> None:
-    """Raises ``ValueError`` unless ``value`` is a number in [0, 1] (not NaN).
+    """Raises unless ``value`` is one number in [0, 1].
 
-    Traced values (inside ``jit``) cannot be checked here; they are clipped to
-    [0, 1] where they are used.
+    Accepted: a Python or NumPy int/float, or a 0-d integer/float array
+    (concrete or traced). Anything else (a string, None, a bool, a shape-(1,)
+    array) is a ``TypeError`` naming ``name``; a concrete value outside
+    [0, 1] or NaN is a ``ValueError``. Traced values are checked where they
+    are used: the optax transformations keep the previous masks and report
+    (``PruneState.refused``), the pure mask functions warn and clip.
     """
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a number in [0, 1], got bool {value!r}")
-    if isinstance(value, (int, float, np.number)) or (
-            hasattr(value, "shape") and np.shape(value) == () and not _is_tracer(value)):
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__} {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
         v = float(value)
-        if math.isnan(v) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    else:
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+                                 or "float" in str(dtype)):
+            raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__} "
+                            f"{_short(value)}")
+        if np.shape(value) != ():
+            raise TypeError(f"{name} must be a scalar, got an array of shape {np.shape(value)}; "
+                            f"pass {name}=x[0] or float(x)")
+        if _is_tracer(value):
+            return
+        v = float(value)
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {v}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
 
 
 def _is_tracer(x: Any) -> bool:

@@ -35,6 +35,8 @@ class Criterion(NamedTuple):
       elementwise: when set, ``score`` is this function applied to every
         leaf of params, and a mask rule may apply it inside its own passes
         rather than store the scores (magnitude: ``jnp.abs``).
+      signed: the scores may be negative on purpose (movement), so the mask
+        functions do not warn about negative scores.
     """
 
     init: Callable[[PyTree], PyTree]
@@ -43,6 +45,7 @@ class Criterion(NamedTuple):
     needs_grads: bool = False
     reset_after_update: bool = False
     elementwise: Optional[Callable[[jax.Array], jax.Array]] = None
+    signed: bool = False
 
 
 def _none(params: PyTree) -> PyTree:
@@ -94,7 +97,8 @@ def criterion(score: Any) -> Criterion:
     if score in (scores.saliency, scores.taylor):
         return Criterion(_none, None, lambda st, p, g, k: score(p, g), needs_grads=True)
     if score is scores.movement:
-        return Criterion(_zeros, _movement_accumulate, lambda st, p, g, k: st, needs_grads=True)
+        return Criterion(_zeros, _movement_accumulate, lambda st, p, g, k: st, needs_grads=True,
+                         signed=True)
     if score is scores.fisher:
         return Criterion(_fisher_init, _fisher_accumulate, _fisher_score, needs_grads=True,
                          reset_after_update=True)

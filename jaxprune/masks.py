@@ -6,34 +6,40 @@ selected leaf and ``None`` for every other leaf, so unselected leaves cost no
 mask memory. ``jaxprune.apply_masks`` understands that convention.
 
 Counts are exact: a leaf (or, under ``scope="global"``, all selected leaves
-together) of ``n`` entries loses exactly ``round(sparsity * n)`` of them. Ties
-are broken deterministically by leaf order, then flat index (earlier entries
-go first). NaN scores rank lowest and are pruned first.
+together) of ``n`` entries loses exactly ``threshold.prune_count(sparsity, n)``
+of them: ``float32(sparsity) * n`` rounded half to even, the same eagerly and
+under ``jit``. Ties are broken deterministically by leaf order, then flat
+index (earlier entries go first). NaN scores rank lowest and are pruned first.
+Scores are "larger = kept"; negative scores warn unless ``signed=True``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from jaxprune import allocation, threshold
+from jaxprune import allocation, diagnostics, threshold
 from jaxprune.tree import Where, leaves_with_paths, select
 
 PyTree = Any
 Sparsity = Union[float, jax.Array, Mapping[str, float]]
 
-__all__ = ["unstructured", "n_of_m", "block", "channels"]
+__all__ = ["unstructured", "n_of_m", "block", "channels", "reduction_axis", "check_options"]
 
 
 def _selected(scores: PyTree, where: Where):
     items = leaves_with_paths(scores)
     chosen = select(scores, where)
     treedef = jax.tree.structure(scores)
-    picked = [(p, jnp.asarray(x)) for (p, x), c in zip(items, chosen) if c]
-    return picked, chosen, treedef
+    pairs = [(p, x) for (p, x), c in zip(items, chosen) if c]
+    arrays = threshold._as_score_arrays([x for _, x in pairs], [p for p, _ in pairs])
+    return [(p, x) for (p, _), x in zip(pairs, arrays)], chosen, treedef
 
 
 def _rebuild(treedef, chosen: Sequence[bool], masks: Sequence[jax.Array]) -> PyTree:
@@ -63,55 +69,252 @@ def _lamp(x: jax.Array) -> jax.Array:
     return jnp.zeros_like(u).at[order].set(lamp_sorted).reshape(x.shape)
 
 
+def check_options(scope: str, normalize: Optional[str] = None,
+                  min_density: Optional[float] = None) -> None:
+    """Raises for options that would do nothing: ``normalize`` and
+    ``min_density`` act on the one global ranking only."""
+    if scope not in ("local", "global"):
+        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
+    if min_density is not None:
+        allocation.check_sparsity(min_density, "min_density")
+    if scope == "local":
+        if normalize is not None:
+            raise ValueError(f"normalize={normalize!r} rescales leaves for one global ranking; "
+                             "with scope='local' each leaf is ranked alone and it would do "
+                             "nothing: use scope='global' or drop normalize")
+        if min_density:
+            raise ValueError(f"min_density={min_density} guards the global ranking; with "
+                             "scope='local' every leaf keeps 1 - sparsity of its entries: use "
+                             "scope='global', or a per-leaf sparsity mapping")
+    if normalize not in (None, "l2", "lamp"):
+        raise ValueError(f"normalize must be None, 'l2' or 'lamp', got {normalize!r}")
+
+
+# The default guard of scope="global" keeps in every leaf at least this
+# fraction of what uniform (local) pruning would keep.
+GUARD_SHARE = 10
+
+
+def _floors(xs: Sequence[jax.Array], sparsity, min_density: Optional[float]) -> list:
+    """Minimum kept entries per leaf (Python ints, or traced with a traced
+    sparsity): ``ceil(min_density * n)``, or by default a tenth (rounded up)
+    of the leaf's uniform share ``n - prune_count(sparsity, n)``."""
+    if min_density is not None:
+        return [min(math.ceil(min_density * x.size), x.size) for x in xs]
+    floors = []
+    for x in xs:
+        share = x.size - threshold.prune_count(sparsity, x.size)
+        floors.append(-(-share // GUARD_SHARE) if isinstance(share, int)
+                      else (share + jnp.uint32(GUARD_SHARE - 1)) // jnp.uint32(GUARD_SHARE))
+    return floors
+
+
+def _checked_sparsity(sparsity, reporter: diagnostics.Reporter):
+    """A traced sparsity outside [0, 1] (or NaN) is clipped where it is
+    counted; say so rather than prune 0% or 100% silently."""
+    if isinstance(sparsity, jax.core.Tracer) and not reporter.sparsity_valid:
+        def fmt(v):
+            v = np.asarray(v, np.float64)
+            bad = v[~((v >= 0) & (v <= 1))]
+            return None if bad.size == 0 else (
+                f"sparsity {bad.reshape(-1)[0]} is outside [0, 1] and was clipped to "
+                f"{np.clip(np.nan_to_num(bad.reshape(-1)[0]), 0.0, 1.0)}")
+        reporter.report([("sparsity", jnp.asarray(sparsity, jnp.float32), fmt)])
+
+
+def _negative_check(paths, xs, elementwise, signed: bool):
+    """A check that warns when scores hold negative values (raw weights
+    passed as scores) unless they are ``signed`` on purpose."""
+    if signed or elementwise is jnp.abs:
+        return None
+    flags = _any_negative(xs, elementwise)
+    return ("negative", flags, lambda found: None if not found.any() else
+            diagnostics.negative_message(diagnostics.leaves_flagged(paths, found)))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # eagerly: one program, not one per leaf
+def _any_negative(xs, elementwise=None):
+    f = (lambda x: x) if elementwise is None else elementwise
+    return jnp.stack([jnp.any(f(x) < 0) for x in xs])
+
+
+@jax.jit
+def _kept_counts(keep):
+    return [jnp.sum(k, dtype=jnp.uint32) for k in keep]
+
+
 def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Sparsity,
                   scope: str, distribution: Any = "uniform", normalize: Optional[str] = None,
-                  min_density: float = 0.0,
+                  min_density: Optional[float] = None,
                   kept: Optional[Sequence[Optional[jax.Array]]] = None,
-                  elementwise: Optional[Callable] = None) -> list[jax.Array]:
+                  elementwise: Optional[Callable] = None, signed: bool = False,
+                  reporter: Optional[diagnostics.Reporter] = None) -> list[jax.Array]:
     """Keep-masks (True = keep) for a list of score arrays; the shared engine
     of unstructured, block and channel masks. Entries where ``kept`` is False
     rank lowest, and ``elementwise`` maps the arrays to scores inside the
     threshold passes (see ``threshold.lowest``)."""
+    reporter = reporter or diagnostics.Reporter()
+    check_options(scope, normalize, min_density)
     kept = list(kept) if kept is not None else [None] * len(xs)
     if scope == "local":
         per_leaf = allocation.allocate(sparsity, distribution, paths,
                                        [tuple(x.shape) for x in xs])
+        if not isinstance(sparsity, Mapping) and not isinstance(distribution, Mapping):
+            _checked_sparsity(sparsity, reporter)
+        reporter.report([_negative_check(paths, xs, elementwise, signed)])
         return [threshold._select([x], threshold.prune_count(s, x.size), None, None, [d],
                                   elementwise, keep=True)[0]
                 for x, s, d in zip(xs, per_leaf, kept)]
-    if scope != "global":
-        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
     if isinstance(sparsity, Mapping) or distribution != "uniform":
         raise ValueError("scope='global' ranks all leaves by one threshold; per-leaf "
                          "sparsity mappings and distribution='erk' need scope='local'")
     allocation.check_sparsity(sparsity)
-    allocation.check_sparsity(min_density, "min_density")
+    _checked_sparsity(sparsity, reporter)
+    checks = [_negative_check(paths, xs, elementwise, signed)]
     if normalize is not None and elementwise is not None:
         xs, elementwise = [elementwise(x) for x in xs], None  # normalising needs the scores
     xs = [_normalized(x, normalize, p) for p, x in zip(paths, xs)]
     total = sum(x.size for x in xs)
     n_prune = threshold.prune_count(sparsity, total)
-    protected = None
-    if min_density > 0.0:
-        # Each leaf's top ceil(min_density * n) entries rank above every other
-        # score, so one global threshold cannot empty a layer (layer collapse).
-        keep_n = [min(math.ceil(min_density * x.size), x.size) for x in xs]
-        protected = [threshold._select([x], x.size - k, None, None, [d], elementwise,
-                                       keep=True)[0]
-                     for x, k, d in zip(xs, keep_n, kept)]
-        free = total - sum(keep_n)
-        if isinstance(n_prune, int) and n_prune > free:
+    if min_density == 0.0 or len(xs) < 2:
+        reporter.report(checks)
+        # Keep-masks straight from the selection: no negated copy is written.
+        return threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
+    keep, guard_checks = _guarded(paths, xs, sparsity, min_density, kept, elementwise,
+                                  n_prune, total)
+    reporter.report(checks + guard_checks)
+    return keep
+
+
+def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total):
+    """The global selection with every leaf held at its floor.
+
+    The plain selection is made first. If it leaves no leaf below its floor
+    it is the answer: protecting each leaf's top-floor entries would select
+    the same entries (a leaf's kept set is a top set of the same order).
+    Otherwise the leaves below are protected (their top-floor entries rank
+    above everything) and the selection is redone; a leaf pushed below its
+    floor by that joins them, until none is below. The result equals
+    protecting every leaf's floor at once. Under ``jit`` this is one
+    ``while_loop`` whose body holds the only copy of the selection (its
+    first pass protects nothing), so the guard adds one count per leaf and
+    an all-False protection mask to a mask update, and two small bisection
+    loops per leaf to the program, not a second selection.
+    """
+    floors = _floors(xs, sparsity, min_density)
+    free = total - sum(floors)
+    if _static(n_prune, free):
+        if n_prune > free:
             raise ValueError(
-                f"sparsity={sparsity} prunes {n_prune} of {total} entries but "
-                f"min_density={min_density} keeps {sum(keep_n)}; lower one of them")
-        n_prune = min(n_prune, free) if isinstance(n_prune, int) else jnp.minimum(n_prune, free)
-    # Keep-masks straight from the selection: no negated copy is written.
-    return threshold._select(xs, n_prune, protected, None, kept, elementwise, keep=True)
+                f"sparsity={sparsity} prunes {n_prune} of {total} entries, but "
+                + (f"min_density={min_density}" if min_density is not None else
+                   "the default layer-collapse guard (a tenth of each leaf's uniform share)")
+                + f" keeps {total - free}; lower the sparsity, or pass min_density=0.0 to let "
+                "global pruning empty whole leaves")
+        n_guarded, over = n_prune, jnp.asarray(False)
+    else:
+        n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
+        over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+
+    def below(keep, protect):
+        counts = _kept_counts(keep)
+        return jnp.stack([c < f for c, f in zip(counts, floors)]) & ~protect
+
+    def select(protect):
+        if not isinstance(protect, jax.core.Tracer):  # eager: protect only the leaves below
+            # (all-False masks elsewhere, not None: one compiled selection for every case)
+            protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
+                         if bool(protect[i]) else jnp.zeros_like(xs[i], dtype=bool)
+                         for i in range(len(xs))]
+        else:  # zeros_like keeps each leaf's sharding (both cond branches must match)
+            protected = [lax.cond(protect[i], lambda i=i: _top_entries(
+                xs[i], floors[i], kept[i], elementwise),
+                lambda i=i: jnp.zeros_like(xs[i], dtype=bool)) for i in range(len(xs))]
+        return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
+
+    protect = jnp.zeros(len(xs), bool)
+    if _static(sparsity):  # eager or traced: n_prune is a Python int here
+        keep = threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
+        under = below(keep, protect)
+    if _static(sparsity) and not isinstance(under, jax.core.Tracer):
+        while bool(under.any()):
+            protect = protect | under
+            keep = select(protect)
+            under = below(keep, protect)
+    else:
+        def body(carry):
+            protect, _, under, _ = carry
+            protect = protect | under
+            keep = select(protect)
+            return protect, keep, below(keep, protect), jnp.asarray(False)
+
+        start = (protect, [jnp.ones_like(x, dtype=bool) for x in xs],
+                 jnp.zeros(len(xs), bool), jnp.asarray(True))  # the first pass: no protection
+        protect, keep, _, _ = lax.while_loop(lambda c: c[3] | jnp.any(c[2]), body, start)
+    if min_density is not None:
+        return keep, []  # an explicit floor was asked for: nothing to report
+
+    return keep, [
+        ("collapse", protect, lambda held: None if not held.any() else
+         diagnostics.collapse_message(diagnostics.leaves_flagged(paths, held), False)),
+        ("short", over & jnp.any(protect), lambda short: None if not short.any() else
+         "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
+         "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+
+
+@functools.partial(jax.jit, static_argnums=3)  # eagerly: one program per leaf shape
+def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax.Array:
+    """Exactly the ``k`` highest-ranked entries of one leaf (ties: the later
+    flat index first, as in the global ranking; ``kept`` False ranks lowest).
+
+    Found by bisection: the k-th highest order key (one counting pass per
+    key bit), then the tie cut among equal keys (one pass per index bit).
+    Each pass is a compare and a sum, so this compiles to two small loops
+    per leaf (the radix select would add a full engine per leaf) and keeps a
+    sharded leaf sharded; it only runs where the layer-collapse guard acts.
+    """
+    score = x if elementwise is None else elementwise(x)
+    wide = jnp.dtype(score.dtype).itemsize > 4
+    keys = threshold.order_keys(score, wide)
+    if kept is not None:
+        keys = jnp.where(kept, keys, keys.dtype.type(0))
+    udt = keys.dtype
+    k = jnp.asarray(k, udt)
+
+    def count(mask):
+        return jnp.sum(mask, dtype=udt)
+
+    def key_step(_, bounds):  # largest t with count(keys >= t) >= k
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        ok = count(keys >= mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    bits = udt.itemsize * 8
+    t, _ = lax.fori_loop(0, bits, key_step, (jnp.zeros((), udt), jnp.asarray(np.iinfo(udt).max, udt)))
+    need = k - count(keys > t)  # ties at t to keep, from the last index down
+    index = threshold._flat_index(keys).astype(udt)
+    tie = keys == t
+
+    def index_step(_, bounds):  # smallest c with count(tie & index >= c) <= need
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = count(tie & (index >= mid)) <= need
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    cut, _ = lax.fori_loop(0, max(int(x.size), 1).bit_length() + 1, index_step,
+                           (jnp.zeros((), udt), jnp.asarray(x.size, udt)))
+    return ((keys > t) | (tie & (index >= cut))) & (k > 0)
+
+
+def _static(*values) -> bool:
+    return all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
 
 
 def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
                  where: Where = None, distribution: Any = "uniform",
-                 normalize: Optional[str] = None, min_density: float = 0.0) -> PyTree:
+                 normalize: Optional[str] = None, min_density: Optional[float] = None,
+                 signed: bool = False) -> PyTree:
     """Unstructured masks keeping the highest scores (magnitude pruning: Han et
     al. 2015; global ranking with LAMP normalisation: Lee et al. 2021; ERK
     allocation: Evci et al. 2020).
@@ -120,14 +323,33 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
       scores: pytree of score arrays (larger = more important).
       sparsity: fraction pruned, in [0, 1] (a Python float, a traced scalar,
         or a mapping ``{path_regex: sparsity}`` for ``scope="local"``).
-      scope: "local" prunes ``round(s * n_leaf)`` of every leaf; "global"
-        prunes ``round(s * N)`` of all selected leaves by one threshold.
+      scope: "local" prunes ``prune_count(s, n_leaf)`` of every leaf;
+        "global" prunes ``prune_count(s, N)`` of all selected leaves by one
+        threshold (see ``jaxprune.threshold.prune_count`` for the rule).
       where: which leaves to prune (see ``jaxprune.tree``).
       distribution: for local scope, "uniform", "erk" or ``{path_regex: s}``.
       normalize: for global scope, rescale each leaf's scores first: None,
         "l2" (divide by the leaf's L2 norm) or "lamp".
-      min_density: for global scope, every leaf keeps at least
-        ``ceil(min_density * n_leaf)`` entries.
+      min_density: for global scope, the layer-collapse guard: every leaf
+        keeps at least ``ceil(min_density * n_leaf)`` entries; ``0.0`` turns
+        the guard off. Default (None): at least a tenth of the leaf's uniform
+        share, ``ceil((n_leaf - prune_count(s, n_leaf)) / 10)``, with a
+        ``PruningWarning`` naming the leaves whenever this changes the masks.
+      signed: the scores are signed on purpose (movement pruning). Without
+        it, negative scores warn: raw weights were probably passed where
+        ``jaxprune.scores.magnitude(params)`` was meant.
+
+    Layer collapse: one global threshold over magnitudes can empty a whole
+    layer whose weights are small at initialisation, which disconnects the
+    network (Tanaka et al. 2020, SynFlow, call this "layer collapse"; Lee et
+    al. 2021, LAMP, show global magnitude pruning doing it). The default
+    guard rules it out while leaving ordinary global allocations alone: a
+    leaf is only held back when the threshold would keep less than a tenth of
+    what uniform pruning gives it (1% density at 90% sparsity), the entries it
+    keeps are its own highest scores, and the total count is unchanged (the
+    other leaves give up the difference). It costs one count per leaf; the
+    re-selection runs only when a leaf is below its floor. ``normalize="lamp"``
+    is the alternative that changes the ranking itself.
 
     Returns:
       A pytree like ``scores``: bool masks (True = keep) on selected leaves,
@@ -138,13 +360,15 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
     >>> m["w"].tolist()
     [[True, False], [False, True]]
     """
-    return _unstructured(scores, sparsity, scope, where, distribution, normalize, min_density)
+    return _unstructured(scores, sparsity, scope, where, distribution, normalize, min_density,
+                         signed=signed)
 
 
 def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
-                  distribution: Any, normalize: Optional[str], min_density: float,
+                  distribution: Any, normalize: Optional[str], min_density: Optional[float],
                   kept: Optional[PyTree] = None,
-                  elementwise: Optional[Callable] = None) -> PyTree:
+                  elementwise: Optional[Callable] = None, signed: bool = False,
+                  reporter: Optional[diagnostics.Reporter] = None) -> PyTree:
     """``unstructured`` where entries with ``kept`` False (a mask-like tree)
     rank lowest and ``elementwise`` maps the leaves of ``scores`` to scores
     inside the threshold passes (``jnp.abs`` on params: magnitude pruning
@@ -156,7 +380,8 @@ def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
         flat = jax.tree.leaves(kept, is_leaf=lambda x: x is None)
         kept_leaves = [d for d, c in zip(flat, chosen) if c]
     keep = _prune_leaves(paths, [x for _, x in picked], sparsity, scope,
-                         distribution, normalize, min_density, kept_leaves, elementwise)
+                         distribution, normalize, min_density, kept_leaves, elementwise,
+                         signed, reporter)
     return _rebuild(treedef, chosen, keep)
 
 
@@ -166,54 +391,88 @@ def _axis(path: str, ndim: int, axis: int, what: str) -> int:
     return axis % ndim
 
 
-def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -1,
-           where: Where = None) -> PyTree:
+def reduction_axis(ndim: int) -> int:
+    """The input (reduction) axis of a Flax kernel: 0 for Dense ``(in, out)``,
+    ``ndim - 2`` for Conv ``(*window, in, out)``; 0 for a vector."""
+    return max(ndim - 2, 0)
+
+
+def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: Optional[int] = None,
+           where: Where = None, *, signed: bool = False) -> PyTree:
     """N:M semi-structured masks: exactly ``n`` of every ``m`` consecutive
     entries along ``axis`` are kept (Mishra et al. 2021, "Accelerating Sparse
-    Deep Neural Networks"; Zhou et al. 2021). 2:4 along the reduction axis is
-    what Ampere/Hopper sparse tensor cores run; for a Flax ``Dense`` kernel
-    of shape (in, out) that is ``axis=0``.
+    Deep Neural Networks"; Zhou et al. 2021).
+
+    2:4 along the reduction (input) axis of a matmul is what Ampere/Hopper
+    sparse tensor cores run, so that is the default (``axis=None``): axis 0
+    of a Flax ``Dense`` kernel ``(in, out)``, the input-channel axis
+    ``ndim - 2`` of a ``Conv`` kernel ``(h, w, in, out)``
+    (``reduction_axis``). Pass ``axis`` for other layouts. A leaf whose
+    length along the axis is not a multiple of ``m`` is an error naming the
+    leaf and the axis. ``signed`` as in ``unstructured``.
 
     >>> import jax.numpy as jnp
-    >>> n_of_m({"w": jnp.array([[1.0, 4.0, 2.0, 3.0]])}, 2, 4)["w"].tolist()
-    [[False, True, False, True]]
+    >>> n_of_m({"w": jnp.array([[1.0], [4.0], [2.0], [3.0]])}, 2, 4)["w"].ravel().tolist()
+    [False, True, False, True]
     """
+    return _n_of_m(scores, n, m, axis, where, signed)
+
+
+def _n_of_m(scores, n, m, axis, where, signed, reporter=None) -> PyTree:
     if not (isinstance(n, int) and isinstance(m, int)) or m < 1 or not 0 <= n <= m:
         raise ValueError(f"n_of_m needs integers 0 <= n <= m and m >= 1, got n={n}, m={m}")
     picked, chosen, treedef = _selected(scores, where)
     out = []
     for path, x in picked:
-        ax = _axis(path, x.ndim, axis, "n_of_m")
+        ax = reduction_axis(x.ndim) if axis is None else _axis(path, x.ndim, axis, "n_of_m")
         if x.shape[ax] % m:
-            raise ValueError(f"leaf '{path}' has length {x.shape[ax]} on axis {axis}, "
-                             f"not divisible by m={m}")
-        moved = jnp.moveaxis(x, ax, -1)
-        keys = threshold.order_keys(moved, x.dtype.itemsize > 4)
-        keys = keys.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-        idx = jnp.arange(m)
-        below = jnp.zeros(keys.shape, jnp.int32)
-        for j in range(m):  # m is small and static: m fused compares, no sort
-            kj = keys[..., j:j + 1]
-            below += (kj < keys) | ((kj == keys) & (j < idx))
-        keep = (below >= m - n).reshape(moved.shape)
-        out.append(jnp.moveaxis(keep, -1, ax))
+            what = (f"its reduction axis {ax} (the default)" if axis is None
+                    else f"axis {axis}")
+            raise ValueError(
+                f"n_of_m: leaf '{path}' of shape {tuple(x.shape)} has length {x.shape[ax]} on "
+                f"{what}, not a multiple of m={m}. Pass axis= for a divisible axis, or leave "
+                f"the leaf out with where= (e.g. a classifier head)")
+        out.append(_n_of_m_leaf(x, n, m, ax))
+    (reporter or diagnostics.Reporter()).report(
+        [_negative_check([p for p, _ in picked], [x for _, x in picked], None, signed)])
     return _rebuild(treedef, chosen, out)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # eagerly: one program per leaf shape
+def _n_of_m_leaf(x: jax.Array, n: int, m: int, ax: int) -> jax.Array:
+    moved = jnp.moveaxis(x, ax, -1)
+    keys = threshold.order_keys(moved, x.dtype.itemsize > 4)
+    keys = keys.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    idx = jnp.arange(m)
+    below = jnp.zeros(keys.shape, jnp.int32)
+    for j in range(m):  # m is small and static: m fused compares, no sort
+        kj = keys[..., j:j + 1]
+        below += (kj < keys) | ((kj == keys) & (j < idx))
+    keep = (below >= m - n).reshape(moved.shape)
+    return jnp.moveaxis(keep, -1, ax)
+
+
 def block(scores: PyTree, sparsity: Sparsity, block_shape: tuple[int, int] = (4, 4),
-          reduce: str = "mean", where: Where = None, *, scope: str = "local") -> PyTree:
+          reduce: str = "mean", where: Where = None, *, scope: str = "local",
+          signed: bool = False) -> PyTree:
     """Block masks: the last two axes are tiled by ``block_shape`` and whole
     blocks are kept or pruned by their reduced score (mean or max).
 
     Block sparsity is what block-sparse kernels accelerate (e.g. Gray et al.
     2017, "GPU Kernels for Block-Sparse Weights"). Leading axes (e.g. the
-    spatial axes of a conv kernel) give more blocks.
+    spatial axes of a conv kernel) give more blocks. ``scope="global"`` ranks
+    blocks of all leaves together with the default layer-collapse guard of
+    ``unstructured`` (in blocks); ``signed`` as in ``unstructured``.
 
     >>> import jax.numpy as jnp
     >>> w = jnp.array([[1.0, 1.0, 9.0, 9.0], [1.0, 1.0, 9.0, 9.0]])
     >>> block({"w": w}, 0.5, (2, 2))["w"].tolist()
     [[False, False, True, True], [False, False, True, True]]
     """
+    return _block(scores, sparsity, block_shape, reduce, where, scope, signed)
+
+
+def _block(scores, sparsity, block_shape, reduce, where, scope, signed, reporter=None):
     reducers = {"mean": jnp.mean, "max": jnp.max}
     if reduce not in reducers:
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
@@ -232,7 +491,8 @@ def block(scores: PyTree, sparsity: Sparsity, block_shape: tuple[int, int] = (4,
         tiled = x.reshape(*x.shape[:-2], h // bh, bh, w // bw, bw)
         block_scores.append(reducers[reduce](tiled, axis=(-3, -1)))
         shapes.append(x.shape)
-    keep = _prune_leaves([p for p, _ in picked], block_scores, sparsity, scope)
+    keep = _prune_leaves([p for p, _ in picked], block_scores, sparsity, scope,
+                         signed=signed, reporter=reporter)
     full = [jnp.broadcast_to(k[..., :, None, :, None],
                              (*k.shape[:-1], bh, k.shape[-1], bw)).reshape(s)
             for k, s in zip(keep, shapes)]
@@ -241,20 +501,29 @@ def block(scores: PyTree, sparsity: Sparsity, block_shape: tuple[int, int] = (4,
 
 def channels(scores: PyTree, sparsity: Sparsity, axis: int = -1, where: Where = None,
              *, scope: str = "local", reduce: str = "mean", normalize: Optional[str] = None,
-             min_density: float = 0.0) -> PyTree:
+             min_density: Optional[float] = None, signed: bool = False) -> PyTree:
     """Channel (neuron / filter) masks: whole slices along ``axis`` are kept
     or pruned by their reduced score (L1-norm filter pruning when the scores
     are magnitudes: Li et al. 2017, "Pruning Filters for Efficient ConvNets").
 
     The arrays keep their shape; ``jaxprune.structured`` removes the slices
     for real. ``reduce="mean"`` makes channel scores of leaves with different
-    fan-in comparable under ``scope="global"``.
+    fan-in comparable under ``scope="global"``, where the layer-collapse
+    guard of ``unstructured`` works in channels: by default no leaf loses
+    all of its channels (``min_density=0.0`` allows it). ``normalize``,
+    ``min_density`` and ``signed`` as in ``unstructured``.
 
     >>> import jax.numpy as jnp
     >>> w = jnp.array([[1.0, 5.0, 0.1], [1.0, 5.0, 0.1]])
     >>> channels({"w": w}, 1 / 3)["w"].tolist()
     [[True, True, False], [True, True, False]]
     """
+    return _channels(scores, sparsity, axis, where, scope, reduce, normalize, min_density,
+                     signed)
+
+
+def _channels(scores, sparsity, axis, where, scope, reduce, normalize, min_density, signed,
+              reporter=None):
     reducers = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}
     if reduce not in reducers:
         raise ValueError(f"reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
@@ -266,7 +535,8 @@ def channels(scores: PyTree, sparsity: Sparsity, axis: int = -1, where: Where = 
         per_channel.append(reducers[reduce](x, axis=others) if others else x)
         axes.append(ax)
     keep = _prune_leaves([p for p, _ in picked], per_channel, sparsity, scope,
-                         normalize=normalize, min_density=min_density)
+                         normalize=normalize, min_density=min_density, signed=signed,
+                         reporter=reporter)
     full = [jnp.broadcast_to(jnp.expand_dims(k, [i for i in range(x.ndim) if i != ax]), x.shape)
             for k, ax, (_, x) in zip(keep, axes, picked)]
     return _rebuild(treedef, chosen, full)

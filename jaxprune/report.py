@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from jaxprune.tree import check_same_structure, leaves_with_paths
+from jaxprune.tree import Where, check_same_structure, leaves_with_paths, select
 
 PyTree = Any
 
@@ -16,15 +16,22 @@ __all__ = ["LeafSummary", "Summary", "summary"]
 
 @dataclasses.dataclass(frozen=True)
 class LeafSummary:
-    """One row of ``summary``: a leaf, its size and how much of it is kept."""
+    """One row of ``summary``: a leaf, its size and how much of it is kept.
+
+    ``pruned`` says whether the leaf is subject to pruning (it has a mask, or
+    without masks it is selected by ``where``). An unpruned leaf keeps every
+    entry (density 1.0) whatever its values: a zero-initialised bias is not
+    sparse, it is stored dense.
+    """
 
     path: str
     shape: tuple
     dtype: str
     size: int
-    nonzeros: int
+    nonzeros: int  # entries kept: mask True, or nonzero values; all entries if not pruned
     dense_bytes: int
-    sparse_bytes: int  # kept values + a 1-bit-per-entry mask
+    sparse_bytes: int  # kept values + a 1-bit-per-entry mask (dense if not pruned)
+    pruned: bool = True
 
     @property
     def density(self) -> float:
@@ -34,7 +41,9 @@ class LeafSummary:
 @dataclasses.dataclass(frozen=True)
 class Summary:
     """A per-leaf table with totals; ``str()`` prints it, ``.rows`` and
-    ``to_dict()`` give it as data."""
+    ``to_dict()`` give it as data. ``size``, ``nonzeros``, ``density`` and
+    the byte counts are over the whole model; ``pruned_only`` restricts the
+    table (and so its totals) to the pruned leaves."""
 
     rows: list
 
@@ -58,55 +67,77 @@ class Summary:
     def sparse_bytes(self) -> int:
         return sum(r.sparse_bytes for r in self.rows)
 
+    def pruned_only(self) -> "Summary":
+        """The rows of the pruned leaves (their totals: the pruned set)."""
+        return Summary([r for r in self.rows if r.pruned])
+
+    def _totals(self) -> dict:
+        return {"size": self.size, "nonzeros": self.nonzeros, "density": self.density,
+                "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes}
+
     def to_dict(self) -> dict:
         return {
             "rows": [dict(dataclasses.asdict(r), density=r.density) for r in self.rows],
-            "total": {"size": self.size, "nonzeros": self.nonzeros, "density": self.density,
-                      "dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes},
+            "pruned": self.pruned_only()._totals(),
+            "total": self._totals(),
         }
 
     def __str__(self) -> str:
-        header = ("path", "shape", "dtype", "density", "nonzeros", "dense B", "sparse B")
-        lines = [(r.path, str(r.shape), r.dtype, f"{r.density:.3f}", str(r.nonzeros),
-                  str(r.dense_bytes), str(r.sparse_bytes)) for r in self.rows]
-        lines.append(("total", "", "", f"{self.density:.3f}", str(self.nonzeros),
-                      str(self.dense_bytes), str(self.sparse_bytes)))
-        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        header = ("path", "shape", "dtype", "pruned", "density", "kept", "dense B",
+                  "sparse B")
+
+        def line(name, s, pruned=""):
+            return (name, "", "", pruned, f"{s.density:.3f}", str(s.nonzeros),
+                    str(s.dense_bytes), str(s.sparse_bytes))
+
+        lines = [(r.path, str(r.shape), r.dtype, "yes" if r.pruned else "no", f"{r.density:.3f}",
+                  str(r.nonzeros), str(r.dense_bytes), str(r.sparse_bytes)) for r in self.rows]
+        totals = [line("total (pruned leaves)", self.pruned_only()), line("total (model)", self)]
+        widths = [max(len(h), *(len(x[i]) for x in lines + totals)) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-        body = [fmt.format(*line) for line in lines]
-        return "\n".join([fmt.format(*header), rule, *body[:-1], rule, body[-1]])
+        return "\n".join([fmt.format(*header), rule, *(fmt.format(*x) for x in lines), rule,
+                          *(fmt.format(*x) for x in totals)])
 
 
-def summary(params: PyTree, masks: Optional[PyTree] = None) -> Summary:
-    """Per-leaf sizes and densities of ``params`` (under ``masks`` if given).
+def summary(params: PyTree, masks: Optional[PyTree] = None, *, where: Where = None) -> Summary:
+    """Per-leaf sizes and densities of ``params`` (under ``masks`` if given),
+    with totals over the pruned leaves and over the whole model.
 
-    Nonzeros count the entries a mask keeps (or, without masks, the nonzero
-    entries). ``sparse_bytes`` is what storing kept values plus a 1-bit mask
-    costs. Runs on the host (it reads values), not under ``jit``.
+    A leaf is pruned if it has a mask (``masks`` given) or, without masks,
+    if ``where`` selects it (default: floating leaves with ``ndim >= 2``, as
+    in every ``jaxprune.masks`` function). Nonzeros of a pruned leaf count
+    the entries its mask keeps (without masks: its nonzero values); an
+    unpruned leaf counts as dense. ``sparse_bytes`` is what storing kept
+    values plus a 1-bit mask costs (dense bytes for unpruned leaves). Runs
+    on the host (it reads values), not under ``jit``.
 
     >>> import jax.numpy as jnp
-    >>> s = summary({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]])})
-    >>> (s.nonzeros, s.size, s.dense_bytes, s.sparse_bytes)
-    (2, 4, 16, 9)
+    >>> s = summary({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]]), "b": jnp.zeros(2)})
+    >>> (s.nonzeros, s.size, s.pruned_only().nonzeros, s.pruned_only().size)
+    (4, 6, 2, 4)
+    >>> [(r.path, r.pruned, r.density) for r in s.rows]
+    [('b', False, 1.0), ('w', True, 0.5)]
     """
     items = leaves_with_paths(params)
     if masks is not None:
         check_same_structure(params, masks, "params", "masks", b_none_ok=True)
         mask_leaves = [m for _, m in leaves_with_paths(masks, keep_none=True)]
+        pruned = [m is not None for m in mask_leaves]
     else:
         mask_leaves = [None] * len(items)
+        pruned = select(params, where, require_any=False)
     rows = []
-    for (path, x), m in zip(items, mask_leaves):
+    for (path, x), m, is_pruned in zip(items, mask_leaves, pruned):
         arr = np.asarray(x)
-        nnz = int(np.count_nonzero(np.asarray(m))) if m is not None else int(np.count_nonzero(arr))
-        itemsize = arr.dtype.itemsize
-        dense = arr.size * itemsize
-        # An unmasked leaf next to masked ones is stored dense.
-        unmasked = masks is not None and m is None
-        sparse = dense if unmasked else nnz * itemsize + (arr.size + 7) // 8
+        dense = arr.size * arr.dtype.itemsize
+        if not is_pruned:
+            nnz, sparse = int(arr.size), dense
+        else:
+            nnz = int(np.count_nonzero(np.asarray(m) if m is not None else arr))
+            sparse = nnz * arr.dtype.itemsize + (arr.size + 7) // 8
         rows.append(LeafSummary(path, tuple(arr.shape), str(arr.dtype), int(arr.size), nnz,
-                                int(dense), int(sparse)))
+                                int(dense), int(sparse), bool(is_pruned)))
     return Summary(rows)
 
 

@@ -29,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from jaxprune import allocation, threshold
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion
 from jaxprune.schedules import SparsitySchedule
-from jaxprune.transform import MaskRule, prune, pruned
+from jaxprune.transform import MaskRule, _Checks, _prune, pruned, schedule_rule
 from jaxprune.tree import Where, check_same_structure, is_mask_leaf, leaves_with_paths, select
 
 PyTree = Any
@@ -171,10 +170,10 @@ def _selected_tree(params: PyTree, selected: list) -> PyTree:
 def drop_and_grow(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
                   fraction: Union[float, jax.Array]) -> jax.Array:
     """One leaf's drop-and-grow mask update (Mocanu et al. 2018; Evci et al.
-    2020): of the ``n`` active entries, the ``round(fraction * n)`` with the
-    lowest ``drop_score`` are dropped, then as many entries with the highest
-    ``grow_score`` among those inactive after the drop are grown (a dropped
-    entry may be grown back). The active count is unchanged; ties go to the
+    2020): of the ``n`` active entries, the ``prune_count(fraction, n)`` with
+    the lowest ``drop_score`` are dropped (NaN first), then as many entries
+    with the highest ``grow_score`` among those inactive after the drop are
+    grown (a dropped entry may be grown back; NaN grow scores last). The active count is unchanged; ties go to the
     earlier flat index. Works under ``jit`` with a traced ``fraction``.
 
     >>> import jax.numpy as jnp
@@ -184,13 +183,17 @@ def drop_and_grow(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
     >>> drop_and_grow(mask, jnp.abs(w), jnp.abs(g), 0.5).tolist()
     [False, True, False, True]
     """
+    allocation.check_sparsity(fraction, "fraction")
     n_active = jnp.sum(mask, dtype=jnp.int32)
     n_drop = threshold.prune_count(jnp.asarray(fraction, jnp.float32), n_active)
     # Inactive entries are protected: they rank above every active score.
     dropped = threshold.lowest([drop_score], n_drop, protected=[~mask])[0]
     kept = mask & ~dropped
     # Highest grow score = lowest negated score; entries still active are protected.
-    grown = threshold.lowest([-grow_score.astype(jnp.float32)], n_drop, protected=[kept])[0]
+    # A NaN grow score (a NaN gradient) must not rank first: it is grown last.
+    grow = grow_score.astype(jnp.float32)
+    grow = jnp.where(jnp.isnan(grow), -jnp.inf, grow)
+    grown = threshold.lowest([-grow], n_drop, protected=[kept])[0]
     return kept | grown
 
 
@@ -339,7 +342,13 @@ def ste(score: Any = score_fns.magnitude,
     >>> updates["w"].tolist()  # unchanged: the dense weights keep training
     [[-0.10000000149011612, 0.30000001192092896], [-0.20000000298023224, -0.05000000074505806]]
     """
-    tracker = prune(score, sparsity, every=every, regrow=True, **kwargs)
+    where = kwargs.pop("where", None)
+    seed = kwargs.pop("seed", 0)
+    rule = kwargs.pop("rule", None) or schedule_rule(score, sparsity, every=every, regrow=True,
+                                                     **kwargs)
+    # The dense weights train by design: pruned entries are not zero, so only
+    # the sparsity is checked, not the params.
+    tracker = _prune(rule, where, seed, _Checks("jaxprune.ste", params=False, zeros=False))
 
     def update(updates, state, params=None, **extra):
         # prune's rewritten updates are discarded (dead code under jit).
@@ -351,10 +360,11 @@ def ste(score: Any = score_fns.magnitude,
 
 def ste_apply(params: PyTree, masks: PyTree) -> PyTree:
     """Masked weights for the forward pass with a straight-through gradient:
-    ``w + stop_gradient(where(mask, w, 0) - w)``. The value equals the masked
-    weights; the gradient with respect to ``w`` is that of the masked model,
-    passed unchanged to every dense weight, pruned ones included (Bengio et
-    al. 2013; Zhou et al. 2021). ``None`` mask leaves pass through.
+    the value is ``where(mask, w, 0)``, and the gradient with respect to
+    ``w`` is that of the masked model, passed unchanged to every dense
+    weight, pruned ones included (Bengio et al. 2013; Zhou et al. 2021).
+    A NaN or inf dense weight at a pruned position does not reach the
+    forward pass. ``None`` mask leaves pass through.
 
     >>> import jax, jax.numpy as jnp
     >>> w = {"w": jnp.array([2.0, 3.0])}
@@ -364,14 +374,23 @@ def ste_apply(params: PyTree, masks: PyTree) -> PyTree:
     >>> jax.grad(lambda p: jnp.sum(ste_apply(p, m)["w"] * jnp.array([5.0, 7.0])))(w)["w"].tolist()
     [5.0, 7.0]
     """
-    def one(m, w):
-        if m is None:
-            return w
-        return w + lax.stop_gradient(jnp.where(m, w, jnp.zeros((), w.dtype)) - w)
-
     check_same_structure(params, masks, "params", "masks", b_none_ok=True)
     for path, m in leaves_with_paths(masks):
         if not is_mask_leaf(m):
             raise TypeError(f"masks must hold bool arrays or None; '{path}' has "
                             f"{getattr(m, 'dtype', type(m).__name__)}")
-    return jax.tree.map(one, masks, params, is_leaf=_is_none)
+    return jax.tree.map(lambda m, w: w if m is None else _straight_through(m, w),
+                        masks, params, is_leaf=_is_none)
+
+
+@jax.custom_jvp
+def _straight_through(mask: jax.Array, w: jax.Array) -> jax.Array:
+    # Not w + stop_gradient(masked - w): that is NaN wherever w is, pruned or not.
+    return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    mask, w = primals
+    _, w_dot = tangents
+    return _straight_through(mask, w), w_dot

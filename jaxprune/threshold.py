@@ -12,11 +12,14 @@ histograms cross devices. Ties at the threshold are broken by leaf order, then
 flat index: only when a tie must be split, one more pass counts ties per row
 and one row per leaf finds where the cut falls.
 
-NaN ranks lowest (below -inf): a NaN score is pruned first.
+NaN ranks lowest (below -inf): a NaN score is pruned first. Integer scores
+are ranked exactly through keys built from their bits (``order_keys``).
+How many entries a sparsity prunes is ``prune_count``, the one count rule.
 """
 
 from __future__ import annotations
 
+import fractions
 import functools
 from typing import Callable, Optional, Sequence, Union
 
@@ -31,22 +34,37 @@ _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 
 
-def order_keys(x: jax.Array, wide: bool = False) -> jax.Array:
-    """Maps floats to unsigned ints with the same order (NaN lowest, -0 == +0).
+def order_keys(x: jax.Array, wide: bool = False, signed: Optional[bool] = None) -> jax.Array:
+    """Maps scores to unsigned ints with the same order.
 
-    ``wide=True`` gives uint64 keys (needed when any score is float64).
+    Floats: NaN lowest, -0 == +0. Integers are mapped exactly from their bits
+    (a signed value has its sign bit flipped), never through a float, so
+    ``[2**31 - 1, 2**31 - 2]`` stay distinct; ``signed`` overrides the
+    mapping taken from the dtype (to rank unsigned and signed integers
+    together). ``wide=True`` gives uint64 keys (needed when any score is
+    64-bit).
 
     >>> import jax.numpy as jnp
     >>> k = order_keys(jnp.array([1.0, -1.0, 0.0, jnp.nan, jnp.inf]))
     >>> [int(i) for i in jnp.argsort(k)]
     [3, 1, 2, 0, 4]
+    >>> [int(i) for i in jnp.argsort(order_keys(jnp.array([2**31 - 1, 2**31 - 2, -5])))]
+    [2, 1, 0]
     """
     fdt, udt = (jnp.float64, jnp.uint64) if wide else (jnp.float32, jnp.uint32)
     bits_n = 64 if wide else 32
-    x = jnp.asarray(x).astype(fdt)
+    x = jnp.asarray(x)
+    top = udt(1) << (bits_n - 1)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        if signed is None:
+            signed = jnp.issubdtype(x.dtype, jnp.signedinteger)
+        if not signed:
+            return x.astype(udt)
+        sdt = jnp.int64 if wide else jnp.int32
+        return lax.bitcast_convert_type(x.astype(sdt), udt) ^ top
+    x = x.astype(fdt)
     nan = jnp.isnan(x)
     bits = lax.bitcast_convert_type(x, udt)
-    top = udt(1) << (bits_n - 1)
     # -0.0 ties with +0.0; done on the bits because float arithmetic on CPU
     # flushes denormals to zero and would merge them with 0.
     bits = jnp.where(bits == top, udt(0), bits)
@@ -55,28 +73,79 @@ def order_keys(x: jax.Array, wide: bool = False) -> jax.Array:
     return jnp.where(nan, udt(0), keys)
 
 
-def prune_count(sparsity: Union[float, jax.Array], n: int) -> Union[int, jax.Array]:
-    """``round(sparsity * n)``, half to even like Python's ``round``.
+def prune_count(sparsity: Union[float, jax.Array], n: Union[int, jax.Array]) -> Union[int, jax.Array]:
+    """How many of ``n`` entries a sparsity prunes: the one count rule of jaxprune.
 
-    A Python float gives a Python int. A traced sparsity is a float32 scalar;
-    its product with ``n`` is rounded exactly (in float64 scalar arithmetic,
-    except on TPU where float32 is used and the count may be off by up to
-    ``n * 2**-24``), after clipping to [0, 1].
+    The sparsity is first rounded to float32 (as every traced value already
+    is), then the EXACT product ``float32(sparsity) * n`` is rounded half to
+    even. Eager calls, ``jit``, the optax transformations, sparse training,
+    lottery rounds and structured selection all count this way, so a Python
+    ``0.9`` and a traced ``0.9`` prune the same number of entries.
+
+    A Python/NumPy sparsity with a Python ``n`` gives a Python int (computed
+    with ``fractions``). Otherwise (traced sparsity or ``n``) the product of
+    the 24-bit significand and ``n`` is formed in two uint32 words and
+    rounded by its bits: exact for every ``n < 2**32`` on every backend,
+    without float64. A traced sparsity is clipped to [0, 1] (NaN counts as
+    0); callers validate it first (``jaxprune.allocation.check_sparsity``).
+
+    >>> prune_count(0.9, 35), prune_count(0.5, 5), prune_count(0.35, 10)
+    (31, 2, 3)
+    >>> import jax.numpy as jnp
+    >>> int(prune_count(jnp.float32(0.9), 35))
+    31
     """
-    if isinstance(sparsity, (int, float, np.number)):
-        return int(round(float(sparsity) * n))
-    s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
-    if jax.default_backend() != "tpu":
-        with _x64():
-            return jnp.round(s.astype(jnp.float64) * n).astype(jnp.uint32)
-    return jnp.round(s * n).astype(jnp.uint32)
+    static_n = isinstance(n, (int, np.integer))
+    if static_n and isinstance(sparsity, (int, float, np.integer, np.floating)) \
+            and not isinstance(sparsity, (bool, np.bool_)):
+        s = np.float32(sparsity)
+        if not 0.0 <= s <= 1.0:  # also NaN
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+        return round(fractions.Fraction(float(s)) * int(n))
+    s = jnp.asarray(sparsity, jnp.float32)
+    s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
+    return _exact_round_product(s, jnp.asarray(n).astype(jnp.uint32))
 
 
-def _x64():
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
+@jax.jit  # one small program, not ~60 eager ops
+def _exact_round_product(s: jax.Array, n: jax.Array) -> jax.Array:
+    """``round_half_even(s * n)`` for a float32 ``s`` in [0, 1] and a uint32
+    ``n``, exactly, in uint32 arithmetic.
+
+    ``s = m * 2**-k`` with a 24-bit integer ``m`` and ``k >= 23``; the 56-bit
+    product ``m * n`` is built from 16-bit limbs in two words ``(hi, lo)``,
+    and the result is ``(m * n) >> k`` plus one when the bits shifted out are
+    above one half, or exactly one half and the quotient is odd.
+    """
+    u32 = jnp.uint32
+    bits = lax.bitcast_convert_type(s, u32)
+    exponent = (bits >> 23) & u32(0xFF)
+    m = jnp.where(exponent == 0, bits & u32(0x7FFFFF), (bits & u32(0x7FFFFF)) | u32(0x800000))
+    k = jnp.where(exponent == 0, u32(149), u32(150) - exponent)  # s = m * 2**-k
+    # 32 x 32 -> 64-bit product from 16-bit limbs (every partial product fits in 32 bits).
+    m1, m0, n1, n0 = m >> 16, m & u32(0xFFFF), n >> 16, n & u32(0xFFFF)
+    p00, p01, p10, p11 = m0 * n0, m0 * n1, m1 * n0, m1 * n1
+    mid = (p00 >> 16) + (p01 & u32(0xFFFF)) + (p10 & u32(0xFFFF))
+    lo = (p00 & u32(0xFFFF)) | (mid << 16)
+    hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+
+    def shifted(j):  # low word of (hi, lo) >> j, for 1 <= j <= 63 (0 beyond)
+        small = jnp.minimum(j, u32(31))
+        below32 = (lo >> small) | jnp.where(j == 0, u32(0), hi << (u32(32) - jnp.maximum(small, u32(1))))
+        above32 = hi >> (jnp.clip(j, u32(32), u32(63)) - u32(32))
+        return jnp.where(j < 32, below32, jnp.where(j < 64, above32, u32(0)))
+
+    def any_below(j):  # any of the lowest j bits of (hi, lo) set, for 1 <= j <= 63
+        lo_mask = jnp.where(j >= 32, u32(0xFFFFFFFF), (u32(1) << jnp.minimum(j, u32(31))) - u32(1))
+        hi_mask = jnp.where(j <= 32, u32(0), (u32(1) << (jnp.clip(j, u32(32), u32(63)) - u32(32))) - u32(1))
+        return ((lo & lo_mask) | (hi & hi_mask)) != 0
+
+    # k >= 57 means s * n < 2**56 * 2**-57 = 1/2: the count is 0.
+    q = jnp.where(k >= 57, u32(0), shifted(k))
+    half = jnp.where(k >= 57, u32(0), shifted(k - u32(1)) & u32(1))
+    sticky = any_below(jnp.minimum(k - u32(1), u32(63)))
+    up = (half == 1) & (sticky | ((q & u32(1)) == 1))
+    return q + up.astype(u32)
 
 
 def _explicit_sharding(x: jax.Array):
@@ -255,8 +324,10 @@ def lowest(scores: Sequence[jax.Array], n_prune,
     """Boolean "pruned" arrays marking exactly the ``n_prune`` lowest scores.
 
     Args:
-      scores: float arrays of any shapes and float dtypes (float64 scores use
-        64-bit keys). NaN ranks lowest.
+      scores: arrays of any shapes, all floating or all integer (float64 and
+        int64 scores use 64-bit keys). NaN ranks lowest. Integers are ranked
+        exactly; a 32-bit integer equal to its dtype's minimum (maximum) ties
+        with ``demoted`` (``protected``) entries, broken by position.
       n_prune: how many entries to mark (Python int or traced int), clipped to
         ``[0, total - protected]``.
       protected: optional bool arrays (or None) aligned with ``scores``; True
@@ -290,7 +361,7 @@ def lowest(scores: Sequence[jax.Array], n_prune,
 def _select(scores, n_prune, protected, demoted, kept, elementwise, keep: bool):
     """``lowest``, or with ``keep`` its complement (keep-masks), built inside
     the same fusions so that no second mask array is written."""
-    scores = [jnp.asarray(s) for s in scores]
+    scores = _as_score_arrays(scores)
     total = sum(s.size for s in scores)
     if total >= 2**32:
         raise ValueError(f"cannot select among {total} entries (limit 2**32 - 1)")
@@ -315,8 +386,43 @@ def _select(scores, n_prune, protected, demoted, kept, elementwise, keep: bool):
     ranked = scores if elementwise is None else [
         jax.eval_shape(elementwise, s) for s in scores]
     wide = any(jnp.dtype(s.dtype).itemsize > 4 for s in ranked)
+    signed = _check_one_kind([s.dtype for s in ranked])
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
-    return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise, keep)
+    return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise, keep, signed)
+
+
+def _as_score_arrays(scores, names: Optional[Sequence[str]] = None) -> list[jax.Array]:
+    """``jnp.asarray`` of each score, warning when float64 scores are cut to
+    float32 because x64 is off (near-equal values would then tie)."""
+    out = []
+    for i, s in enumerate(scores):
+        if np.dtype(getattr(s, "dtype", np.float32)) == np.float64 and not jax.config.jax_enable_x64:
+            name = f"'{names[i]}'" if names is not None else f"score array {i}"
+            from jaxprune.diagnostics import warn
+            warn(f"{name} holds float64 scores but jax_enable_x64 is off: they are ranked as "
+                 "float32, so values closer than float32 resolution tie. Enable x64 "
+                 "(jax.config.update('jax_enable_x64', True)) to rank them exactly.")
+        out.append(jnp.asarray(s))
+    return out
+
+
+def _check_one_kind(dtypes) -> Optional[bool]:
+    """Integer and floating scores have different order keys: one ranking
+    takes one kind (and integers of one signedness, or narrow enough to
+    convert), so that every comparison is exact. Returns whether integers
+    are ranked as signed (None for floats)."""
+    ints = [np.dtype(d) for d in dtypes if jnp.issubdtype(d, jnp.integer)]
+    if not ints:
+        return None
+    if len(ints) < len(dtypes):
+        raise TypeError("scores mix integer and floating dtypes in one ranking "
+                        f"({sorted({str(np.dtype(d)) for d in dtypes})}); cast them to one kind")
+    signed = [d for d in ints if d.kind == "i"]
+    wide_unsigned = [d for d in ints if d.kind == "u" and d.itemsize >= 4]
+    if signed and wide_unsigned:
+        raise TypeError(f"scores mix signed and {wide_unsigned[0]} integers in one ranking; "
+                        "cast them to one integer dtype")
+    return bool(signed)
 
 
 # How large leaves are cut into chunks: None picks "contiguous" on a single
@@ -450,13 +556,14 @@ def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
     return cuts
 
 
-@functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep"))
-def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, keep=False):
+@functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep", "signed"))
+def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, keep=False,
+            signed=None):
     # jitted so that eager callers compile once per set of shapes, not per op.
     top = np.iinfo(np.uint64 if wide else np.uint32).max
 
     def keys_of(i, a, chunk=None):
-        k = order_keys(a if elementwise is None else elementwise(a), wide)
+        k = order_keys(a if elementwise is None else elementwise(a), wide, signed)
         if demoted[i] is not None:
             k = jnp.where(_chunk_of(demoted[i], chunk), k.dtype.type(0), k)
         if kept[i] is not None:

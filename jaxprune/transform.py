@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxprune import diagnostics
 from jaxprune import masks as mask_fns
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion, criterion
 from jaxprune.schedules import SparsitySchedule, as_schedule
-from jaxprune.tree import Where, check_same_structure, select
+from jaxprune.tree import Where, check_same_structure, leaves_with_paths, select
 
 PyTree = Any
 
@@ -37,17 +38,33 @@ __all__ = ["STATIC_ARGS", "PruneState", "PrunedState", "MaskRule", "schedule_rul
 #: Arguments of ``prune`` that ``optax.inject_hyperparams`` must leave alone
 #: (it would turn callables into schedules and numbers into traced arrays):
 #: ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``.
-STATIC_ARGS = ("score", "where", "min_density", "n", "m", "every", "seed", "rule")
+STATIC_ARGS = ("score", "where", "min_density", "n", "m", "axis", "every", "seed", "rule", "signed")
 
 
 class PruneState(NamedTuple):
     """State of ``prune``: step count, masks (None for unselected leaves),
-    criterion statistics and the PRNG key of random criteria."""
+    criterion statistics and the PRNG key of random criteria, plus:
+
+    Attributes:
+      sparsity: the sparsity the current masks were built for (0.0 before
+        the first mask update).
+      last_update: the step of the last mask update (-1: none yet, 0 for
+        masks drawn at ``init``).
+      refused: how many mask updates were refused because the requested
+        sparsity was outside [0, 1] or NaN (the masks were kept as they were).
+      alerts: ``jaxprune.diagnostics.Alerts``, per-leaf flags of what the
+        checks found; ``jaxprune.check(opt_state)`` turns them (and
+        ``refused``) into ``PruningWarning``s.
+    """
 
     count: jax.Array
     masks: PyTree
     stats: PyTree
     key: jax.Array
+    sparsity: jax.Array = None
+    last_update: jax.Array = None
+    refused: jax.Array = None
+    alerts: Optional[diagnostics.Alerts] = None
 
 
 class PrunedState(NamedTuple):
@@ -70,6 +87,16 @@ class MaskRule(NamedTuple):
       scores_from_params: ``update`` receives the params in place of the
         scores and applies ``criterion.elementwise`` itself (inside its
         threshold passes, so the scores are never stored).
+      target: ``count -> sparsity`` requested at that step, or None. A value
+        outside [0, 1] (or NaN) on an update step is refused: the masks are
+        kept and ``PruneState.refused`` counts it.
+      follows_changes: masks are also updated whenever ``target`` differs
+        from the sparsity of the current masks (a sparsity set by hand
+        through ``optax.inject_hyperparams``).
+      reports: ``update`` returns ``(masks, findings)``, findings a dict
+        ``kind -> flags`` of ``jaxprune.diagnostics`` checks ("collapse",
+        "negative": one flag per masked leaf; "short": one), stored in
+        ``PruneState.alerts``.
     """
 
     criterion: Criterion
@@ -78,50 +105,68 @@ class MaskRule(NamedTuple):
     init_masks: Optional[Callable[[PyTree, PyTree, jax.Array], PyTree]] = None
     grows: bool = False
     scores_from_params: bool = False
+    target: Optional[Callable[[jax.Array], jax.Array]] = None
+    follows_changes: bool = False
+    reports: bool = False
 
 
 def _mask_fn(granularity: str, scope: str, where_tree, distribution, normalize,
-             min_density, n, m, axis, block_shape, reduce):
+             min_density, n, m, axis, block_shape, reduce, signed=False, reporter=None):
+    if granularity not in ("unstructured", "n_of_m", "block", "channels"):
+        raise ValueError("granularity must be 'unstructured', 'n_of_m', 'block' or 'channels', "
+                         f"got {granularity!r}")
+    mask_fns.check_options(scope, normalize, min_density)
+    if granularity in ("n_of_m", "block") and (normalize is not None or min_density):
+        raise ValueError(f"normalize and min_density act on unstructured or channel rankings; "
+                         f"granularity={granularity!r} would ignore them")
     if granularity == "unstructured":
-        return lambda sc, s: mask_fns.unstructured(
-            sc, s, scope=scope, where=where_tree, distribution=distribution,
-            normalize=normalize, min_density=min_density)
+        return lambda sc, s: mask_fns._unstructured(
+            sc, s, scope, where_tree, distribution, normalize, min_density,
+            signed=signed, reporter=reporter)
     if granularity == "n_of_m":
-        return lambda sc, s: mask_fns.n_of_m(sc, n, m, -1 if axis is None else axis, where_tree)
+        return lambda sc, s: mask_fns._n_of_m(sc, n, m, axis, where_tree, signed, reporter)
     if granularity == "block":
-        return lambda sc, s: mask_fns.block(sc, s, block_shape, reduce or "mean", where_tree,
-                                            scope=scope)
-    if granularity == "channels":
-        return lambda sc, s: mask_fns.channels(
-            sc, s, -1 if axis is None else axis, where_tree, scope=scope,
-            reduce=reduce or "mean", normalize=normalize, min_density=min_density)
-    raise ValueError("granularity must be 'unstructured', 'n_of_m', 'block' or 'channels', "
-                     f"got {granularity!r}")
+        return lambda sc, s: mask_fns._block(sc, s, block_shape, reduce or "mean", where_tree,
+                                             scope, signed, reporter)
+    return lambda sc, s: mask_fns._channels(
+        sc, s, -1 if axis is None else axis, where_tree, scope, reduce or "mean", normalize,
+        min_density, signed, reporter)
 
 
 def schedule_rule(score: Any = score_fns.magnitude,
                   sparsity: Union[float, SparsitySchedule, Callable] = 0.5, *,
                   scope: str = "local", where: Where = None, granularity: str = "unstructured",
                   distribution: Any = "uniform", normalize: Optional[str] = None,
-                  min_density: float = 0.0, n: int = 2, m: int = 4, axis: Optional[int] = None,
-                  block_shape: tuple = (4, 4), reduce: Optional[str] = None,
-                  every: Optional[int] = None, regrow: bool = False) -> MaskRule:
+                  min_density: Optional[float] = None, n: int = 2, m: int = 4,
+                  axis: Optional[int] = None, block_shape: tuple = (4, 4),
+                  reduce: Optional[str] = None, every: Optional[int] = None,
+                  regrow: bool = False, signed: bool = False) -> MaskRule:
     """The ``MaskRule`` of ``prune``: at each update step of the schedule,
     masks from the pure core at the schedule's sparsity. Arguments as in
-    ``prune``."""
+    ``prune``. A plain number (or array) as ``sparsity`` without ``every``
+    is followed when it changes, so a value set through
+    ``optax.inject_hyperparams`` takes effect at the next step."""
+    follows_changes = (not callable(sparsity) and not isinstance(sparsity, SparsitySchedule)
+                       and every is None)
     sched = as_schedule(sparsity, every)
     crit = criterion(score)
     fused = crit.elementwise  # e.g. |w|: computed inside the threshold passes
+    # Magnitudes cannot be negative; movement scores are signed on purpose.
+    signed = signed or crit.signed or fused is jnp.abs
 
     def update(masks, scores, count, key):
+        # What the mask functions find goes to the state, not to a host callback
+        # (the transformation refused out-of-range sparsities before this).
+        reporter = diagnostics.Reporter(collect=True, sparsity_valid=True)
         # With ``fused`` set, ``scores`` are the params (scores_from_params).
         where_tree = jax.tree.map(lambda mk: mk is not None, masks,
                                   is_leaf=lambda x: x is None)
         if not regrow and granularity == "unstructured":
             # Pruned entries rank lowest, so masks nest as sparsity grows.
-            return mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
-                                          normalize, min_density, kept=masks,
-                                          elementwise=fused)
+            new = mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
+                                         normalize, min_density, kept=masks,
+                                         elementwise=fused, signed=signed, reporter=reporter)
+            return new, reporter.found
         if fused is not None:
             scores = jax.tree.map(fused, scores)
         if not regrow:
@@ -129,14 +174,15 @@ def schedule_rule(score: Any = score_fns.magnitude,
                 lambda s, mk: s if mk is None else jnp.where(mk, s, jnp.nan),
                 scores, masks, is_leaf=lambda x: x is None)
         fn = _mask_fn(granularity, scope, where_tree, distribution, normalize, min_density,
-                      n, m, axis, block_shape, reduce)
-        return fn(scores, sched(count))
+                      n, m, axis, block_shape, reduce, signed, reporter)
+        return fn(scores, sched(count)), reporter.found
 
-    # Validate options eagerly (on a dummy) so that mistakes surface at construction.
+    # Validate options eagerly so that mistakes surface at construction.
     _mask_fn(granularity, scope, None, distribution, normalize, min_density, n, m, axis,
              block_shape, reduce)
     return MaskRule(crit, sched.is_update_step, update, grows=regrow,
-                    scores_from_params=fused is not None)
+                    scores_from_params=fused is not None, target=sched,
+                    follows_changes=follows_changes, reports=True)
 
 
 def _dense_masks(params: PyTree, where: Where) -> PyTree:
@@ -168,31 +214,112 @@ def _rewrite_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
     return jax.tree.map(one, masks, updates, params, is_leaf=lambda x: x is None)
 
 
+def _n_masked(masks: PyTree) -> int:
+    return sum(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
+
+
 def _init_state(rule: MaskRule, where: Where, params: PyTree, seed: int) -> PruneState:
     key = jax.random.key(seed)
     masks = (_dense_masks(params, where) if rule.init_masks is None
              else rule.init_masks(params, select(params, where), key))
-    return PruneState(jnp.zeros((), jnp.int32), masks, rule.criterion.init(params), key)
+    # Masks drawn at init are applied by step 0: step 1 is the first to check them.
+    last = -1 if rule.init_masks is None else 0
+    return PruneState(jnp.zeros((), jnp.int32), masks, rule.criterion.init(params), key,
+                      jnp.zeros((), jnp.float32), jnp.asarray(last, jnp.int32),
+                      jnp.zeros((), jnp.int32), diagnostics.Alerts.none(_n_masked(masks)))
 
 
-def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree):
+class _Checks(NamedTuple):
+    """What a transformation checks on the steps that update masks and on
+    the step after each update (``who`` names it in the messages)."""
+
+    who: str
+    params: bool = True     # non-finite weights at pruned positions
+    zeros: bool = True      # pruned weights arrive at exactly 0 (the chain order)
+
+
+def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array, jax.Array]:
+    """Per-leaf flags under the current masks, read where the update step
+    reads the params anyway: non-finite weights at pruned positions (no
+    update can zero them; a weight pruned at this update is seen on the
+    step after it, which is checked too), and nonzero pruned weights one
+    step after an update (something after the transformation changed its
+    updates)."""
+    pairs = [(mk, p) for mk, p in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+                                      jax.tree.leaves(params)) if mk is not None]
+    off = jnp.zeros(len(pairs), bool)
+    if not pairs or not checks.params:
+        return off, off
+    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for mk, p in pairs])
+    if not checks.zeros:
+        return nonfinite, off
+    moved = jnp.stack([jnp.any(~mk & (p != 0) & jnp.isfinite(p)) for mk, p in pairs])
+    return nonfinite, moved & check_step
+
+
+def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
+                checks: _Checks):
     """Folds this step into the statistics and, on update steps, new masks.
-    Returns (is_update, new masks, new stats)."""
+    Returns (is_update, new masks, new stats, the state's bookkeeping fields).
+
+    One ``lax.cond`` decides whether anything beyond the statistics runs:
+    on mask-update steps and on the step after each update (where the
+    checks read params and masks); every other step takes the empty branch.
+    Nothing here calls back to the host, so the jitted step keeps JAX's
+    fast dispatch path.
+    """
     crit = rule.criterion
     stats = state.stats
     if crit.accumulate is not None:
         stats = crit.accumulate(stats, params, grads)
-    is_update = rule.is_update_step(state.count)
+    count = state.count
+    is_update = rule.is_update_step(count)
+    if rule.target is not None:
+        requested = jnp.asarray(rule.target(count), jnp.float32)
+        if rule.follows_changes:
+            is_update = is_update | (requested != state.sparsity)
+        valid = (requested >= 0.0) & (requested <= 1.0)  # False for NaN
+    else:
+        requested, valid = state.sparsity, jnp.asarray(True)
+    apply = is_update & valid
+    check_step = count == state.last_update + 1
+    none = diagnostics.Alerts.none(_n_masked(state.masks))
+
+    def found(nonfinite, nonzero, from_rule):
+        return none._replace(nonfinite=nonfinite, nonzero=nonzero, **{
+            k: jnp.asarray(v, bool).reshape(getattr(none, k).shape)
+            for k, v in from_rule.items() if k in none._fields})
 
     def do_update():
-        key = jax.random.fold_in(state.key, state.count)
+        key = jax.random.fold_in(state.key, count)
         scores = params if rule.scores_from_params else crit.score(stats, params, grads, key)
-        new = rule.update(state.masks, scores, state.count, key)
+        new = rule.update(state.masks, scores, count, key)
+        new, from_rule = new if rule.reports else (new, {})
         new_stats = crit.init(params) if crit.reset_after_update else stats
-        return new, new_stats
+        return new, new_stats, from_rule
 
-    masks, stats = lax.cond(is_update, do_update, lambda: (state.masks, stats))
-    return is_update, masks, stats
+    def checked(branch):
+        # Each branch reads the params under the current masks itself: reading
+        # them around the update would keep both mask sets alive (a copy).
+        def run():
+            flags = _param_checks(checks, params, state.masks, check_step)
+            masks, new_stats, from_rule = branch()
+            return masks, new_stats, dict(
+                sparsity=jnp.where(apply, requested, state.sparsity),
+                last_update=jnp.where(apply, count, state.last_update),
+                refused=state.refused + (is_update & ~valid).astype(jnp.int32),
+                alerts=state.alerts.merge(found(*flags, from_rule)))
+        return run
+
+    def update_or_check():
+        return lax.cond(apply, checked(do_update), checked(lambda: (state.masks, stats, {})))
+
+    def ordinary():  # the bookkeeping passes through untouched
+        return state.masks, stats, dict(sparsity=state.sparsity, last_update=state.last_update,
+                                        refused=state.refused, alerts=state.alerts)
+
+    masks, stats, bookkeeping = lax.cond(is_update | check_step, update_or_check, ordinary)
+    return apply, masks, stats, bookkeeping
 
 
 def _build_rule(rule, score, sparsity, kwargs):
@@ -203,10 +330,11 @@ def prune(score: Any = score_fns.magnitude,
           sparsity: Union[float, SparsitySchedule, Callable] = 0.5, *,
           scope: str = "local", where: Where = None, granularity: str = "unstructured",
           distribution: Any = "uniform", normalize: Optional[str] = None,
-          min_density: float = 0.0, n: int = 2, m: int = 4, axis: Optional[int] = None,
-          block_shape: tuple = (4, 4), reduce: Optional[str] = None,
+          min_density: Optional[float] = None, n: int = 2, m: int = 4,
+          axis: Optional[int] = None, block_shape: tuple = (4, 4), reduce: Optional[str] = None,
           every: Optional[int] = None, regrow: bool = False, seed: int = 0,
-          rule: Optional[MaskRule] = None) -> optax.GradientTransformationExtraArgs:
+          signed: bool = False, rule: Optional[MaskRule] = None
+          ) -> optax.GradientTransformationExtraArgs:
     """Prunes during training: an optax transformation for the end of a chain.
 
     Magnitude pruning (Han et al. 2015) along a gradual schedule (Zhu & Gupta
@@ -221,18 +349,33 @@ def prune(score: Any = score_fns.magnitude,
     change the updates again and break that; use ``pruned(inner)`` to wrap an
     optimizer instead when the chain cannot end with ``prune``.
 
+    Checks, recorded per leaf in ``PruneState.alerts`` and issued as
+    ``jaxprune.PruningWarning`` by ``jaxprune.check(opt_state)`` (and by
+    ``masks_of`` / ``sparsity_of``): on the step after every mask update,
+    pruned weights that arrive nonzero (the chain order is wrong); then and
+    on update steps, NaN/inf weights at pruned positions (no update can zero
+    them: ``jaxprune.apply_masks`` does); the global-scope layer-collapse
+    guard acting; negative scores. They run inside the mask-update
+    ``lax.cond``, so ordinary steps cost only the fused ``where``, and no
+    host callback enters the step (it would slow every step's dispatch).
+
     Args:
       score: a ``jaxprune.scores`` function, a ``Criterion``, or any
         ``f(params)`` / ``f(params, grads)``. Gradient criteria need the raw
         gradients: pass them as an extra argument,
         ``tx.update(grads, state, params, grads=grads)``, or use ``pruned``.
-      sparsity: a float (masks set at step 0), a ``jaxprune.schedules``
-        schedule, or any optax schedule ``step -> sparsity``.
-      scope, where, distribution, normalize, min_density: as in
-        ``jaxprune.masks.unstructured``.
-      granularity: "unstructured", "n_of_m" (uses ``n``, ``m``, ``axis``),
-        "block" (``block_shape``, ``reduce``) or "channels" (``axis``,
-        ``reduce``).
+      sparsity: a float (masks set at step 0, and again at the next step
+        whenever it is changed through ``optax.inject_hyperparams``), a
+        ``jaxprune.schedules`` schedule, or any optax schedule
+        ``step -> sparsity``. A value outside [0, 1] at an update step is
+        refused: the masks stay, ``PruneState.refused`` counts it, and
+        ``jaxprune.check`` warns.
+      scope, where, distribution, normalize, min_density, signed: as in
+        ``jaxprune.masks.unstructured`` (global scope has the same default
+        layer-collapse guard).
+      granularity: "unstructured", "n_of_m" (uses ``n``, ``m``, ``axis``;
+        default axis: the kernel's reduction axis), "block"
+        (``block_shape``, ``reduce``) or "channels" (``axis``, ``reduce``).
       every: mask-update period for a float or plain-callable sparsity.
       regrow: let a mask update revive pruned entries (default: pruned
         entries rank lowest, so masks only shrink and nest).
@@ -244,7 +387,8 @@ def prune(score: Any = score_fns.magnitude,
       ``PruneState``; ``optax.tree.get(state, "masks")`` returns the masks.
       To change the sparsity by hand during training, use
       ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``
-      and set ``state.hyperparams["sparsity"]``.
+      and set ``state.hyperparams["sparsity"]``: the masks follow at the
+      next step (with ``every=k``, at the next multiple of ``k``).
 
     >>> import jax.numpy as jnp, optax, jaxprune
     >>> params = {"w": jnp.array([[1.0, -2.0], [3.0, -4.0]])}
@@ -257,22 +401,26 @@ def prune(score: Any = score_fns.magnitude,
     rule = _build_rule(rule, score, sparsity, dict(
         scope=scope, granularity=granularity, distribution=distribution, normalize=normalize,
         min_density=min_density, n=n, m=m, axis=axis, block_shape=block_shape, reduce=reduce,
-        every=every, regrow=regrow))
+        every=every, regrow=regrow, signed=signed))
+    return _prune(rule, where, seed, _Checks("jaxprune.prune"))
 
+
+def _prune(rule: MaskRule, where: Where, seed: int, checks: _Checks
+           ) -> optax.GradientTransformationExtraArgs:
     def init(params):
         return _init_state(rule, where, params, seed)
 
     def update(updates, state, params=None, **extra):
-        _check_params(params, state.masks, "jaxprune.prune")
+        _check_params(params, state.masks, checks.who)
         grads = extra.get("grads")
         if rule.criterion.needs_grads and grads is None:
             raise ValueError(
                 "this score needs gradients, but jaxprune.prune (last in the chain) only sees "
                 "the final updates: call tx.update(grads, state, params, grads=grads), or "
                 "wrap the optimizer with jaxprune.pruned(inner_tx, score=...)")
-        _, masks, stats = _step_masks(rule, state, params, grads)
+        _, masks, stats, bookkeeping = _step_masks(rule, state, params, grads, checks)
         return (_rewrite_updates(updates, masks, params),
-                PruneState(state.count + 1, masks, stats, state.key))
+                PruneState(state.count + 1, masks, stats, state.key, **bookkeeping))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -298,8 +446,10 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
     ``inner`` state (e.g. Adam moments) of every weight whose mask changes is
     reset to zero (a regrown weight starts fresh), and the final updates are
     rewritten like ``prune``'s so pruned weights stay exactly 0.0. Gradient
-    criteria (saliency, Taylor, movement, Fisher) see the raw gradients.
-    Keyword arguments are those of ``prune``.
+    criteria (saliency, Taylor, movement, Fisher) see the raw gradients;
+    gradients at pruned positions are replaced (``where``), so a NaN
+    gradient never reaches a pruned weight or its optimizer state. Keyword
+    arguments and checks are those of ``prune``.
 
     >>> import jax.numpy as jnp, optax, jaxprune
     >>> tx = jaxprune.pruned(optax.adam(1e-2), sparsity=0.5)
@@ -310,6 +460,7 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
     [[0.0, 0.0], [2.990000009536743, -3.990000009536743]]
     """
     rule = _build_rule(rule, score, sparsity, kwargs)
+    checks = _Checks("jaxprune.pruned")
 
     def init(params):
         return PrunedState(inner.init(params), _init_state(rule, where, params, seed))
@@ -317,7 +468,7 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
     def update(grads, state, params=None, **extra):
         ps = state.prune_state
         _check_params(params, ps.masks, "jaxprune.pruned")
-        is_update, masks, stats = _step_masks(rule, ps, params, grads)
+        is_update, masks, stats, bookkeeping = _step_masks(rule, ps, params, grads, checks)
 
         def reset(inner_state):
             changed = jax.tree.map(lambda new, old: None if new is None else new != old,
@@ -336,13 +487,16 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
             stepping, grads, is_leaf=lambda x: x is None)
         updates, inner_state = inner.update(masked_grads, inner_state, params, **extra)
         return (_rewrite_updates(updates, stepping, params),
-                PrunedState(inner_state, PruneState(ps.count + 1, masks, stats, ps.key)))
+                PrunedState(inner_state, PruneState(ps.count + 1, masks, stats, ps.key,
+                                                    **bookkeeping)))
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
 def masks_of(state: optax.OptState) -> PyTree:
-    """The masks held anywhere in an optimizer state (``optax.tree.get``)."""
+    """The masks held anywhere in an optimizer state (``optax.tree.get``).
+    Warns about the alerts recorded in the state (``jaxprune.check``)."""
+    diagnostics.check(state)
     found = optax.tree_utils.tree_get(state, "masks")
     if found is None:
         raise ValueError("no jaxprune masks in this optimizer state")
@@ -350,7 +504,8 @@ def masks_of(state: optax.OptState) -> PyTree:
 
 
 def sparsity_of(state: optax.OptState) -> jax.Array:
-    """Current sparsity of the masks in an optimizer state."""
+    """Current sparsity of the masks in an optimizer state (warns about its
+    alerts, like ``masks_of``)."""
     from jaxprune.apply import sparsity
     return sparsity(masks_of(state))
 

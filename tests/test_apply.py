@@ -53,3 +53,23 @@ def test_bundled_data_loaders_work_offline():
     assert x.ndim == 2 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     with pytest.raises(ValueError, match="test_fraction"):
         jaxprune.data.split(x, y, 1.5)
+
+
+def test_summary_separates_pruned_leaves_from_the_whole_model():
+    # Zero-initialised biases nobody pruned are dense, not "density 0" of the pruned set.
+    params = {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+              "Dense_1": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+    masks = jaxprune.masks.unstructured(params, 0.75)
+    for s in (jaxprune.summary(params, masks),
+              jaxprune.summary(jaxprune.apply_masks(params, masks))):  # without masks: where=
+        rows = {r.path: r for r in s.rows}
+        assert not rows["Dense_0/bias"].pruned and rows["Dense_0/bias"].density == 1.0
+        assert rows["Dense_0/kernel"].pruned and rows["Dense_0/kernel"].density == 0.25
+        pruned = s.pruned_only()
+        assert (pruned.size, pruned.nonzeros, pruned.density) == (48, 12, 0.25)
+        assert (s.size, s.nonzeros) == (58, 22)
+        assert s.to_dict()["pruned"]["density"] == 0.25 and s.to_dict()["total"]["size"] == 58
+        text = str(s)
+        assert "total (pruned leaves)" in text and "total (model)" in text
+        flags = [line.split("float32")[1].split()[0] for line in text.splitlines()[2:6]]
+        assert flags == ["no", "yes", "no", "yes"]

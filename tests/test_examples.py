@@ -44,6 +44,8 @@ EVIDENCE = {
     "structured_linen_mlp.py": [r"max \|shrunk - masked dense\| over the test set = \d",
                                 r"50% units removed.*x\n"],
     "structured_group_lasso.py": [r"plain Adam", r"Adam \+ group lasso.*x\n"],
+    "oneshot_lm.py": [r"dense perplexity \d", r"\| sparsity \| dense \| magnitude \(per layer\) \| wanda \(per row\) \| sparsegpt \|",
+                      r"\| 2:4 \| \d+\.\d{3} \| \d+\.\d{3} \| \d+\.\d{3} \| \d+\.\d{3} \|"],
 }
 
 

@@ -1,16 +1,23 @@
 """Exactness properties of jaxprune.masks (hypothesis) and its bad-input errors."""
 
+import fractions
 import functools
+import warnings
 
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jaxprune
 from jaxprune import masks as M
+
+
+def count_rule(s, n):
+    """The documented count: float32(s) * n exactly, rounded half to even."""
+    return round(fractions.Fraction(float(np.float32(s))) * n)
 
 
 def reference_prune(leaves, sparsity):
@@ -19,7 +26,7 @@ def reference_prune(leaves, sparsity):
     vals = np.where(np.isnan(vals), -np.inf, vals)
     nan_first = np.concatenate([np.isnan(np.asarray(x, np.float64).ravel()) for x in leaves])
     order = np.lexsort((np.arange(len(vals)), vals, ~nan_first))
-    k = round(sparsity * len(vals))
+    k = count_rule(sparsity, len(vals))
     keep = np.ones(len(vals), bool)
     keep[order[:k]] = False
     out, start = [], 0
@@ -40,36 +47,36 @@ sparsities = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.25]), st.floats(0.0, 1.
 
 @given(st.lists(leaf, min_size=1, max_size=3), sparsities)
 def test_global_scope_prunes_exact_count_with_ties(leaves, s):
+    # min_density=0.0: the unguarded ranking is the spec (the guard has its own tests).
     params = {f"l{i}": jnp.asarray(x) for i, x in enumerate(leaves)}
-    got = M.unstructured(params, s, scope="global")
+    got = M.unstructured(params, s, scope="global", min_density=0.0, signed=True)
     ref = reference_prune([params[k] for k in sorted(params)], s)
     for k, r in zip(sorted(params), ref):
         np.testing.assert_array_equal(np.asarray(got[k]), r, err_msg=k)
     n = sum(x.size for x in leaves)
-    assert sum(int((~got[k]).sum()) for k in params) == round(s * n)
+    assert sum(int((~got[k]).sum()) for k in params) == count_rule(s, n)
 
 
 @given(st.lists(leaf, min_size=1, max_size=3), sparsities)
 def test_local_scope_prunes_exact_count_per_leaf(leaves, s):
     params = [jnp.asarray(x) for x in leaves]
-    got = M.unstructured(params, s, scope="local")
+    got = M.unstructured(params, s, scope="local", signed=True)
     for x, g in zip(params, got):
         np.testing.assert_array_equal(np.asarray(g), reference_prune([x], s)[0])
-        assert int((~g).sum()) == round(s * x.size)
+        assert int((~g).sum()) == count_rule(s, x.size)
 
 
-_jit_global = jax.jit(functools.partial(M.unstructured, scope="global"))
+_jit_global = jax.jit(functools.partial(M.unstructured, scope="global", signed=True))
 
 
 @given(hnp.arrays(np.float32, (4, 5), elements=small_ints),
        hnp.arrays(np.float32, (3, 3), elements=small_ints), sparsities)
 def test_jit_with_traced_sparsity_matches_eager(a, b, s):
+    # One count rule: a Python float and a traced float32 prune the same entries.
     params = (jnp.asarray(a), jnp.asarray(b))
-    eager = M.unstructured(params, s, scope="global")
+    eager = M.unstructured(params, s, scope="global", signed=True)
     jitted = _jit_global(params, jnp.float32(s))
-    # A traced sparsity is rounded in float32; compare where that agrees.
-    if round(s * 29) == int(np.round(np.float32(s) * np.float32(29))):
-        jax.tree.map(np.testing.assert_array_equal, eager, jitted)
+    jax.tree.map(np.testing.assert_array_equal, eager, jitted)
 
 
 @given(hnp.arrays(np.float32, (8, 16), elements=st.floats(-10, 10, width=32)),
@@ -93,7 +100,7 @@ def test_sparsity_zero_keeps_all_and_one_prunes_all_selected():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_low_precision_leaves_give_exact_counts(dtype):
     w = jax.random.normal(jax.random.key(0), (32, 32)).astype(dtype)
-    m = M.unstructured({"w": w}, 0.7, scope="global")["w"]
+    m = M.unstructured({"w": w}, 0.7, scope="global", signed=True)["w"]
     assert int((~m).sum()) == round(0.7 * 1024)
     ref = reference_prune([np.asarray(w.astype(jnp.float32))], 0.7)[0]
     np.testing.assert_array_equal(np.asarray(m), ref)
@@ -116,14 +123,14 @@ def test_integer_leaves_are_never_selected_by_default():
 
 def test_nan_scores_rank_lowest_and_are_pruned_first():
     w = jnp.array([[jnp.nan, 0.1, 5.0, -jnp.inf]])
-    m = M.unstructured({"w": w}, 0.25)["w"]
+    m = M.unstructured({"w": w}, 0.25, signed=True)["w"]
     assert m.tolist() == [[False, True, True, True]]
-    m = M.unstructured({"w": w}, 0.5)["w"]
+    m = M.unstructured({"w": w}, 0.5, signed=True)["w"]
     assert m.tolist() == [[False, True, True, False]]
 
 
 def test_vmap_builds_many_masks_at_once():
-    ws = jax.random.normal(jax.random.key(1), (5, 6, 7))
+    ws = jnp.abs(jax.random.normal(jax.random.key(1), (5, 6, 7)))
     batched = jax.vmap(lambda w: M.unstructured({"w": w}, 0.4)["w"])(ws)
     for i in range(5):
         np.testing.assert_array_equal(batched[i], M.unstructured({"w": ws[i]}, 0.4)["w"])
@@ -162,7 +169,7 @@ def test_mapping_sparsity_applies_per_path_and_names_unmatched_leaf():
 
 def test_min_density_prevents_layer_collapse_under_global_scope():
     p = {"tiny": jnp.full((4, 4), 0.01), "huge": jnp.full((16, 16), 1.0)}
-    collapsed = M.unstructured(p, 0.2, scope="global")
+    collapsed = M.unstructured(p, 0.2, scope="global", min_density=0.0)  # the explicit opt-out
     assert not bool(collapsed["tiny"].any())
     guarded = M.unstructured(p, 0.2, scope="global", min_density=0.25)
     assert int(guarded["tiny"].sum()) == 4
@@ -193,7 +200,7 @@ def test_n_of_m_keeps_exactly_n_in_every_group(w, nm):
     for axis in (0, 1):
         if w.shape[axis] % m:
             continue
-        got = M.n_of_m({"w": jnp.asarray(w)}, n, m, axis=axis)["w"]
+        got = M.n_of_m({"w": jnp.asarray(w)}, n, m, axis=axis, signed=True)["w"]
         groups = np.moveaxis(np.asarray(got), axis, -1).reshape(-1, m)
         assert (groups.sum(-1) == n).all()
         vals = np.moveaxis(w, axis, -1).reshape(-1, m)
@@ -247,8 +254,8 @@ def test_sparsity_outside_unit_interval_is_rejected(bad):
 def test_n_greater_than_m_or_indivisible_axis_is_rejected_with_path():
     with pytest.raises(ValueError, match="n <= m"):
         M.n_of_m({"w": jnp.ones((4, 4))}, 5, 4)
-    with pytest.raises(ValueError, match="'layer/w'.*not divisible by m=4"):
-        M.n_of_m({"layer": {"w": jnp.ones((4, 6))}}, 2, 4)
+    with pytest.raises(ValueError, match="'layer/w'.*length 6 on axis 1, not a multiple of m=4"):
+        M.n_of_m({"layer": {"w": jnp.ones((4, 6))}}, 2, 4, axis=1)
 
 
 def test_missing_axis_and_bad_block_shape_name_the_path():
@@ -270,3 +277,163 @@ def test_global_scope_rejects_per_leaf_options():
         M.unstructured({"w": jnp.ones((4, 4))}, 0.5, scope="global", distribution="erk")
     with pytest.raises(ValueError, match="scope must be"):
         M.unstructured({"w": jnp.ones((4, 4))}, 0.5, scope="everywhere")
+
+
+# --- issue 10 / 11: safe defaults and refusals ---------------------------------
+
+def _density(masks):
+    return {p: float(m.mean()) for p, m in jaxprune.tree.leaves_with_paths(masks)}
+
+
+def test_global_scope_guards_every_leaf_by_default_and_says_so():
+    # A leaf of small weights next to a big one: one threshold would empty it.
+    p = {"small": jnp.full((8, 8), 0.01), "big": jax.random.normal(jax.random.key(0), (64, 64))}
+    scores = jaxprune.scores.magnitude(p)
+    with pytest.warns(jaxprune.PruningWarning, match=r"'small'.*layer collapse.*min_density=0\.0"):
+        guarded = M.unstructured(scores, 0.9, scope="global")
+    n_small = 64 - count_rule(0.9, 64)  # small's uniform share: 6 entries, floor ceil(6 / 10) = 1
+    assert int(guarded["small"].sum()) == -(-n_small // M.GUARD_SHARE) == 1
+    total = 64 + 4096
+    assert sum(int((~m).sum()) for m in jax.tree.leaves(guarded)) == count_rule(0.9, total)
+    # The guarded masks are the unguarded ones with small's top entry traded for big's last.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the explicit opt-out says nothing
+        collapsed = M.unstructured(scores, 0.9, scope="global", min_density=0.0)
+        assert not bool(collapsed["small"].any())
+        # No leaf near collapse: no warning, the same masks as without the guard.
+        roomy = dict(scores, small=jnp.full((8, 8), 3.0))
+        jax.tree.map(np.testing.assert_array_equal, M.unstructured(roomy, 0.9, scope="global"),
+                     M.unstructured(roomy, 0.9, scope="global", min_density=0.0))
+
+
+def test_global_channel_masks_never_remove_every_channel_of_a_leaf():
+    p = {"a": jnp.full((4, 8), 0.01), "b": jax.random.normal(jax.random.key(1), (4, 64))}
+    with pytest.warns(jaxprune.PruningWarning, match="'a'"):
+        m = M.channels(jaxprune.scores.magnitude(p), 0.8, scope="global")
+    assert int(np.asarray(m["a"]).all(0).sum()) >= 1
+    off = M.channels(jaxprune.scores.magnitude(p), 0.8, scope="global", min_density=0.0)
+    assert not bool(off["a"].any())
+
+
+def test_guard_that_cannot_fit_the_sparsity_is_an_error_naming_the_opt_out():
+    p = {f"l{i}": jnp.full((2, 2), float(i + 1)) for i in range(4)}  # 16 entries, 4 leaves
+    with pytest.raises(ValueError, match="min_density=0.0"):
+        M.unstructured(p, 0.9, scope="global", min_density=0.5)
+
+
+def test_negative_scores_warn_with_the_fix_unless_signed():
+    w = {"w": jnp.array([[-3.0, 1.0], [2.0, -0.5]])}
+    with pytest.warns(jaxprune.PruningWarning, match=r"'w'.*negative.*scores\.magnitude"):
+        M.unstructured(w, 0.5)
+    with pytest.warns(jaxprune.PruningWarning, match="negative"):
+        jax.jit(lambda w: M.unstructured(w, 0.5, scope="global"))(w)
+    with pytest.warns(jaxprune.PruningWarning, match="negative"):
+        M.n_of_m({"w": jnp.array([[-1.0], [1.0], [2.0], [3.0]])}, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.unstructured(w, 0.5, signed=True)
+        M.unstructured(jaxprune.scores.magnitude(w), 0.5)
+
+
+def test_float64_scores_warn_when_x64_is_off():
+    near = np.array([[1.0, 1.0 + 1e-12], [1.0 + 2e-12, 1.0 + 3e-12]])
+    with pytest.warns(jaxprune.PruningWarning, match=r"'w'.*float64.*jax_enable_x64"):
+        M.unstructured({"w": near}, 0.5)
+
+
+def test_integer_scores_are_ranked_exactly_not_through_float32():
+    big = {"w": jnp.array([[2**31 - 1, 2**31 - 2], [5, 1]], jnp.int32)}
+    m = M.unstructured(big, 0.75, where=lambda p, x: True)["w"]
+    assert m.tolist() == [[True, False], [False, False]]
+    u = {"w": jnp.array([[2**32 - 1, 2**32 - 2], [7, 1]], jnp.uint32)}
+    assert M.unstructured(u, 0.75, where=lambda p, x: True)["w"].tolist() == [[True, False],
+                                                                               [False, False]]
+    with pytest.raises(TypeError, match="mix integer and floating"):
+        M.unstructured({"i": big["w"], "f": jnp.ones((2, 2))}, 0.5, scope="global",
+                       where=lambda p, x: True)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "-1", None, True, jnp.array([0.5]), np.array([0.5, 0.5])])
+def test_non_number_sparsities_are_rejected_naming_the_argument(bad):
+    with pytest.raises(TypeError, match="sparsity"):
+        M.unstructured({"w": jnp.ones((2, 2))}, bad)
+    with pytest.raises(TypeError, match="sparsity"):
+        M.unstructured({"w": jnp.ones((2, 2))}, bad, scope="global")
+    with pytest.raises(TypeError, match="sparsity"):
+        jaxprune.prune(sparsity=bad)
+    with pytest.raises(TypeError, match="fraction"):
+        jaxprune.lottery.prune_round({"w": jnp.ones((2, 2))}, None, bad)
+
+
+def test_traced_sparsity_outside_unit_interval_warns_instead_of_clipping_silently():
+    with pytest.warns(jaxprune.PruningWarning, match="sparsity 1.5 is outside"):
+        jax.jit(lambda s: M.unstructured({"w": jnp.ones((2, 2))}, s))(1.5)
+
+
+def test_global_only_options_with_local_scope_are_errors():
+    with pytest.raises(ValueError, match="normalize='lamp'.*scope='local'"):
+        M.unstructured({"w": jnp.ones((2, 2))}, 0.5, normalize="lamp")
+    with pytest.raises(ValueError, match="min_density=0.1.*scope='local'"):
+        M.unstructured({"w": jnp.ones((2, 2))}, 0.5, min_density=0.1)
+    with pytest.raises(ValueError, match="min_density"):
+        M.channels({"w": jnp.ones((2, 2))}, 0.5, min_density=0.1)
+    with pytest.raises(ValueError, match="normalize"):
+        jaxprune.prune(normalize="l2")
+
+
+def test_n_of_m_defaults_to_the_reduction_axis_of_dense_and_conv_kernels():
+    p = {"Dense_0": {"kernel": jax.random.uniform(jax.random.key(0), (16, 10))},   # (in, out)
+         "Conv_0": {"kernel": jax.random.uniform(jax.random.key(1), (3, 3, 8, 6))}}  # (h, w, in, out)
+    m = M.n_of_m(p, 2, 4)
+    dense = np.asarray(m["Dense_0"]["kernel"])  # 10 outputs: axis -1 would not divide
+    assert (dense.reshape(4, 4, 10).sum(1) == 2).all()
+    conv = np.asarray(m["Conv_0"]["kernel"])
+    assert (conv.reshape(3, 3, 2, 4, 6).sum(3) == 2).all()
+    with pytest.raises(ValueError, match=r"'head/kernel'.*length 10 on its reduction axis 0.*axis="):
+        M.n_of_m({"head": {"kernel": jnp.ones((10, 4))}}, 2, 4)
+
+
+def guarded_reference(leaves, s, min_density):
+    """Every leaf's top floor entries protected, then the lowest of the rest by
+    (value, leaf order, flat index): what the layer-collapse guard must select."""
+    n = [x.size for x in leaves]
+    if min_density is None:
+        floors = [-(-(k - count_rule(s, k)) // M.GUARD_SHARE) for k in n]
+    else:
+        floors = [min(int(np.ceil(min_density * k)), k) for k in n]
+    protected = []
+    for x, f in zip(leaves, floors):
+        order = np.lexsort((np.arange(x.size), x.ravel()))  # ascending; ties: earlier first
+        p = np.zeros(x.size, bool)
+        p[order[x.size - f:]] = True
+        protected.append(p)
+    vals = np.concatenate([x.ravel() for x in leaves]).astype(np.float64)
+    prot = np.concatenate(protected)
+    k = min(count_rule(s, sum(n)), sum(n) - sum(floors))
+    order = np.lexsort((np.arange(vals.size), vals, prot))
+    keep = np.ones(vals.size, bool)
+    keep[order[:k]] = False
+    return np.split(keep, np.cumsum(n)[:-1])
+
+
+_jit_guarded = jax.jit(lambda xs, s: M.unstructured(xs, s, scope="global"))
+
+
+@settings(max_examples=12)
+@given(st.tuples(hnp.arrays(np.float32, (4, 4), elements=st.integers(0, 3).map(float)),
+                 hnp.arrays(np.float32, (2, 8), elements=st.integers(0, 3).map(float)),
+                 hnp.arrays(np.float32, (8, 2), elements=st.integers(0, 3).map(float))),
+       st.floats(0.0, 0.96875, width=32), st.sampled_from([None, 0.25]))
+def test_layer_collapse_guard_equals_protecting_every_floor_at_once(leaves, s, min_density):
+    leaves = tuple(x * (i + 1) ** 3 for i, x in enumerate(leaves))  # very different scales
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaxprune.PruningWarning)
+        try:
+            eager = M.unstructured(leaves, s, scope="global", min_density=min_density)
+        except ValueError as e:  # floors that exceed what s keeps are refused eagerly
+            assert "min_density" in str(e)
+            return
+        traced = (_jit_guarded(leaves, jnp.float32(s)) if min_density is None else eager)
+    for got in (eager, traced):
+        for g, r in zip(got, guarded_reference([np.asarray(x) for x in leaves], s, min_density)):
+            np.testing.assert_array_equal(np.asarray(g).ravel(), r)

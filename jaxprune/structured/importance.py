@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import threshold
 from jaxprune import tree as jtree
 from jaxprune.structured.groups import Group
 from jaxprune.structured.trace import StructuredPruningError
@@ -184,7 +185,7 @@ def select_channels(groups: Sequence[Group], scores: Sequence[np.ndarray], spars
                     ) -> list[np.ndarray]:
     """Kept channel indices (sorted) per group: the highest-scoring ones.
 
-    ``scope="local"`` removes ``round(sparsity * size)`` channels of every
+    ``scope="local"`` removes ``prune_count(sparsity, size)`` channels of every
     group; ``scope="global"`` ranks all channels of all groups together (use a
     ``normalize`` in ``group_importance`` so scales compare), as in global
     filter pruning (Li et al. 2017; Fang et al. 2023). Kept counts are rounded
@@ -198,13 +199,13 @@ def select_channels(groups: Sequence[Group], scores: Sequence[np.ndarray], spars
     ignore = [ignore] if isinstance(ignore, str) or callable(ignore) else list(ignore or [])
     active = [not _ignored(g, ignore) for g in groups]
     if scope == "local":
-        targets = [g.size - int(round(sparsity * g.size)) if a else g.size
+        targets = [g.size - threshold.prune_count(sparsity, g.size) if a else g.size
                    for g, a in zip(groups, active)]
     elif scope == "global":
         pool = np.concatenate([s for s, a in zip(scores, active) if a] or [np.zeros(0)])
         owner = np.concatenate([np.full(g.size, k) for k, (g, a) in enumerate(zip(groups, active))
                                 if a] or [np.zeros(0, int)])
-        n_remove = int(round(sparsity * len(pool)))
+        n_remove = threshold.prune_count(sparsity, len(pool))
         # Exactly n_remove channels, lowest first (ties broken by position).
         removed = np.bincount(owner[np.argsort(pool, kind="stable")[:n_remove]],
                               minlength=len(groups))
