@@ -87,12 +87,7 @@ class ShrunkFunction:
             if tuple(np.shape(x)) != want:
                 raise StructuredPruningError(
                     f"'{path}' has shape {tuple(np.shape(x))}; the shrunk model expects {want}")
-        n = len(var_leaves)
-        # Inputs keep their full shape; only with prunable_io do removed input
-        # features exist, and they are dropped here.
-        flat = [x for _, x in var_leaves] + [
-            s.cut(x, v, ()) for x, v in zip(jax.tree.leaves(args), jaxpr.invars[n:])]
-        outs = s.eval(jaxpr, consts, flat, ())
+        outs = s.run(jaxpr, consts, [x for _, x in var_leaves], jax.tree.leaves(args))
         return jax.tree.unflatten(a.out_treedef, outs)
 
 
