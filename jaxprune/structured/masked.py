@@ -313,7 +313,7 @@ split rev copy copy_p convert_element_type reduce_precision stop_gradient shardi
 mesh_cast optimization_barrier cumsum cumprod cummax cummin sort reduce_window_sum
 reduce_window_max reduce_window_min dynamic_update_slice stack unstack tile psum pmean pmax
 pmin all_gather ppermute all_to_all pbroadcast psum_scatter reduce_scatter neg
-real imag conj select_and_gather_add
+real imag conj select_and_gather_add bitcast_convert_type
 """.split())
 PER_INDEX = ZERO_PRESERVING | frozenset("pad cumlogsumexp".split())
 

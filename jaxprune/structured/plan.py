@@ -23,20 +23,33 @@ PyTree = Any
 Plan = dict
 
 __all__ = ["make_plan", "check_plan", "plan_groups", "kept_positions", "slice_variables",
-           "zero_removed", "group_masks", "describe", "FORMAT"]
+           "zero_removed", "group_masks", "describe", "FORMAT", "SEMANTICS", "semantics_of"]
 
 FORMAT = "jaxprune.structured.plan/1"
+# What a reduction over a pruned axis computes in the shrunk model (see shrink).
+SEMANTICS = ("masked", "native")
+
+
+def semantics_of(plan: dict, semantics: Optional[str] = None) -> str:
+    """``semantics`` if given, else the plan's, else ``"masked"``; checked."""
+    got = semantics if semantics is not None else plan.get("semantics", "masked")
+    if got not in SEMANTICS:
+        raise ValueError(f"semantics={got!r}; expected one of {SEMANTICS}")
+    return got
 
 
 def _shape(x: Any) -> tuple:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
-def make_plan(variables: PyTree, groups: Sequence[Group], kept: Sequence[Sequence[int]]) -> Plan:
-    """Builds the JSON-serialisable plan ``{format, leaves, groups}``.
+def make_plan(variables: PyTree, groups: Sequence[Group], kept: Sequence[Sequence[int]],
+              semantics: str = "masked") -> Plan:
+    """Builds the JSON-serialisable plan ``{format, semantics, leaves, groups}``.
 
     One entry per group (DepGraph groups, Fang et al. 2023) with its members,
     size, kept indices and, where a member axis is merged, its layout.
+    ``semantics`` (``"masked"`` or ``"native"``) is what the shrunk model
+    computes over a pruned axis (see ``jaxprune.structured.shrink``).
 
     >>> from jaxprune.structured.groups import Group
     >>> import numpy as np
@@ -54,7 +67,8 @@ def make_plan(variables: PyTree, groups: Sequence[Group], kept: Sequence[Sequenc
         entry["keep"] = [int(i) for i in k]
         out.append(entry)
     leaves = {p: [int(n) for n in _shape(x)] for p, x in jtree.leaves_with_paths(variables)}
-    return {"format": FORMAT, "leaves": leaves, "groups": out}
+    return {"format": FORMAT, "semantics": semantics_of({}, semantics), "leaves": leaves,
+            "groups": out}
 
 
 def plan_groups(plan: Plan) -> list[Group]:
@@ -76,6 +90,9 @@ def check_plan(plan: Plan, variables: PyTree, groups: Optional[Sequence[Group]] 
     """
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise StructuredPruningError(f"not a jaxprune structured plan (expected format {FORMAT!r})")
+    if plan.get("semantics", "masked") not in SEMANTICS:
+        raise StructuredPruningError(
+            f"plan semantics {plan.get('semantics')!r} is not one of {SEMANTICS}")
     have = {p: list(_shape(x)) for p, x in jtree.leaves_with_paths(variables)}
     want = plan["leaves"]
     for p in list(want) + list(have):
@@ -107,7 +124,7 @@ def check_plan(plan: Plan, variables: PyTree, groups: Optional[Sequence[Group]] 
             f"plan was made for another model: its group of '{extra[0]}' is not coupled here")
     for e in pg:
         keep = e["keep"]
-        if not keep or min(keep) < 0 or max(keep) >= e["size"] or sorted(set(keep)) != list(keep):
+        if keep and (min(keep) < 0 or max(keep) >= e["size"]) or sorted(set(keep)) != list(keep):
             raise StructuredPruningError(
                 f"plan keeps invalid indices for the group of '{e['members'][0][0]}'")
 
@@ -208,15 +225,19 @@ def zero_removed(variables: PyTree, plan: Plan) -> PyTree:
 
 
 def describe(plan: Plan) -> str:
-    """A readable table of a plan: each group's width before -> after, and the
-    parameter count of the variables before -> after (as Torch-Pruning prints
-    its groups; DepGraph, Fang et al. 2023).
+    """A readable table of a plan: each group's width before -> after, what
+    every pruned leaf axis loses (an axis that is a product of groups, such as
+    grouped-query heads or GroupNorm channels, shows its factors), the
+    semantics and the parameter count before -> after (as Torch-Pruning
+    prints its groups; DepGraph, Fang et al. 2023).
 
     >>> import numpy as np
     >>> from jaxprune.structured.groups import Group
     >>> p = make_plan({"w": np.ones((2, 4))}, [Group([("w", 1)], 4, [(0, 1, 2, 3)])], [[1, 3]])
     >>> print(describe(p))
     group 0: 4 -> 2  w axis 1
+    w axis 1: 4 -> 2 (-50%)
+    semantics: masked
     variables: 8 -> 4 scalars
     """
     lines = []
@@ -225,6 +246,21 @@ def describe(plan: Plan) -> str:
         extra = f" (+{more} more)" if more else ""
         lines.append(f"group {k}: {e['size']} -> {len(e['keep'])}  {path} axis {axis}{extra}")
     pos = kept_positions(plan)
+    covering: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+    for k, g in enumerate(plan_groups(plan)):
+        for member, lay in zip(g.members, g.layouts):
+            covering.setdefault(tuple(member), []).append((k, np.asarray(lay)))
+    for (path, axis), idx in pos.items():
+        n = plan["leaves"][path][axis]
+        line = f"{path} axis {axis}: {n} -> {len(idx)} (-{100 * (1 - len(idx) / n):.0f}%)"
+        groups_here = covering.get((path, axis), [])
+        if len(groups_here) > 1:
+            product = all((lab >= 0).all() for _, lab in groups_here)
+            parts = [f"group {k} ({plan['groups'][k]['size']} -> {len(plan['groups'][k]['keep'])})"
+                     for k, _ in groups_here]
+            line += " = " + (" x " if product else " + ").join(parts)
+        lines.append(line)
+    lines.append(f"semantics: {plan.get('semantics', 'masked')}")
     before = after = 0
     for path, shape in plan["leaves"].items():
         new = list(shape)
