@@ -1,7 +1,18 @@
 """jaxprune: pruning for JAX -- masks, optax transformations and structured shrinking.
 
-The pure core maps a parameter pytree to scores, scores to boolean masks, and
-masks back onto parameters::
+Three parts, each usable alone:
+
+* the pure core (``scores``, ``masks``, ``apply_masks``, ``sparsity``,
+  ``summary``) maps a parameter pytree to scores, scores to boolean masks,
+  and masks back onto parameters;
+* optax transformations prune while training: ``prune`` (last in a chain) and
+  ``pruned`` (around an optimizer) along ``schedules``; sparse training with
+  ``rigl``, ``sparse_evolutionary``, ``static_sparse``, ``fixed_masks`` and
+  ``ste``; lottery tickets in ``lottery``;
+* ``structured`` finds coupled channels and heads from the jaxpr and removes
+  them for real.
+
+``checkpoint`` (orbax) and ``distributed`` serve long and sharded runs. ::
 
     scores = jaxprune.scores.magnitude(params)
     masks = jaxprune.masks.unstructured(scores, 0.9, scope="global")

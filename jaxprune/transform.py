@@ -34,9 +34,9 @@ __all__ = ["STATIC_ARGS", "PruneState", "PrunedState", "MaskRule", "schedule_rul
            "masks_of", "sparsity_of"]
 
 
-# Arguments of ``prune`` that ``optax.inject_hyperparams`` must leave alone
-# (it would turn callables into schedules and numbers into traced arrays):
-# ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``.
+#: Arguments of ``prune`` that ``optax.inject_hyperparams`` must leave alone
+#: (it would turn callables into schedules and numbers into traced arrays):
+#: ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``.
 STATIC_ARGS = ("score", "where", "min_density", "n", "m", "every", "seed", "rule")
 
 

@@ -143,7 +143,8 @@ def plan_for(apply_fn: Callable, variables: PyTree, *example_args: Any, sparsity
     et al. 2017; Taylor, Molchanov et al. 2019; ...).
 
     Args:
-      apply_fn, variables, *example_args: the traced function and its inputs.
+      apply_fn, variables: the traced function and its variables.
+      *example_args: its example inputs.
       sparsity: fraction of each group's channels removed (``scope="local"``)
         or of all channels (``scope="global"``).
       importance: ``"l1" | "l2" | "taylor" | "saliency" | "bn_scale" |

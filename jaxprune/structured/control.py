@@ -156,9 +156,11 @@ def _shrink_while(s, eqn, invals, scope, sub):
                                lambda c: list(body(*bconsts, *c)), list(init)))
 
 
+#: Trace rules of the primitives that hold sub-jaxprs (calls, ``scan``, ``cond``, ``while``).
 TRACE_CONTROL: dict[str, Any] = {name: _call for name in jp.CALL_PARAMS}
 TRACE_CONTROL.update({"scan": _scan, "cond": _cond, "while": _while})
 
+#: Shrink rules of the same primitives: re-emit the sub-jaxprs at the reduced shapes.
 SHRINK_CONTROL: dict[str, Callable] = {
     name: _shrink_call(_remat_wrap if name in ("remat2", "checkpoint") else None)
     for name in jp.CALL_PARAMS}

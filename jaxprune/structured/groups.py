@@ -175,7 +175,7 @@ def groups(apply_fn: Callable, variables: PyTree, *example_args: Any,
 
     Args:
       apply_fn: ``apply_fn(variables, *example_args)``, any JAX function.
-      variables: the variables pytree (arrays or ``ShapeDtypeStruct``s).
+      variables: the variables pytree (arrays or ``ShapeDtypeStruct`` leaves).
       *example_args: example inputs (only shapes and dtypes are used).
       prunable_io: also offer axes that reach the inputs or outputs.
 

@@ -26,6 +26,7 @@ Importance = Union[str, Callable[[Group, dict[str, Any], Optional[dict[str, Any]
 
 __all__ = ["group_importance", "select_channels", "factored_sparsities", "IMPORTANCES"]
 
+#: Names of the built-in channel-importance criteria.
 IMPORTANCES = ("l1", "l2", "taylor", "saliency", "bn_scale", "random")
 _ALIASES = {"magnitude": "l1", "bn": "bn_scale", "slimming": "bn_scale", "snip": "saliency"}
 # Running statistics are state, not weights: they do not vote on importance.
@@ -68,7 +69,7 @@ def group_importance(variables: PyTree, groups: Sequence[Group], importance: Imp
     ``params`` collection);
     ``"saliency"``: Σ|w·g| per channel (Mozer & Smolensky 1989; Lee et al.
     2019, SNIP; needs ``grads``);
-    ``"bn_scale"``: |γ| of the normalisation scales in the group (Liu et al.
+    ``"bn_scale"``: ``|γ|`` of the normalisation scales in the group (Liu et al.
     2017, "Network Slimming"; groups without a scale fall back to ``"l1"``);
     ``"random"``; or a callable ``(group, {path: leaf}, {path: grad} | None)``.
     Aliases: ``"magnitude"`` = ``"l1"``, ``"bn"``/``"slimming"`` =

@@ -20,7 +20,7 @@ from jaxprune.structured.trace import StructuredPruningError, parameter_error
 __all__ = ["Sub", "ScanLayout", "WhileLayout", "sub", "call", "scan", "while_loop", "cond_branches",
            "shard_map", "CALL_PARAMS"]
 
-# Call-like primitives (inlined by the tracer) and the parameter holding their body.
+#: Call-like primitives (inlined by the tracer) and the parameter holding their body.
 CALL_PARAMS = {
     "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
     "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",

@@ -25,6 +25,7 @@ Plan = dict
 __all__ = ["make_plan", "check_plan", "plan_groups", "kept_positions", "slice_variables",
            "zero_removed", "group_masks", "describe", "FORMAT", "SEMANTICS", "semantics_of"]
 
+#: Version tag stored in every plan; ``check_plan`` refuses other formats.
 FORMAT = "jaxprune.structured.plan/1"
 # What a reduction over a pruned axis computes in the shrunk model (see shrink).
 SEMANTICS = ("masked", "native")

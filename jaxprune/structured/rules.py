@@ -19,6 +19,7 @@ from jaxprune.structured.trace import Tracer
 
 __all__ = ["TRACE_RULES", "ELEMENTWISE"]
 
+#: Primitives whose operands and result share every axis (one index map).
 ELEMENTWISE = frozenset("""
 add sub mul div rem pow max min atan2 nextafter and or xor not eq ne lt le gt ge
 select_n clamp neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh
@@ -343,6 +344,7 @@ def _passthrough(t, eqn, scope, sub):
             t.unite_vars(a, scope, b, scope)
 
 
+#: Primitive name -> rule that unites the coupled axes of its operands and results.
 TRACE_RULES: dict[str, Any] = {name: _elementwise for name in ELEMENTWISE}
 TRACE_RULES.update({name: _reduce for name in REDUCTIONS})
 TRACE_RULES.update({

@@ -191,6 +191,7 @@ def _conv(s, eqn, invals, scope, sub):
     return eqn.primitive.bind(*invals, **{**eqn.params, "feature_group_count": lf // rin})
 
 
+#: Primitive name -> rule that re-emits it at the reduced shapes (others are re-bound as traced).
 SHRINK_RULES: dict[str, Callable] = {
     "reshape": _with(new_sizes=_out_shape, dimensions=lambda s, e, sc: None),
     "broadcast_in_dim": _with(shape=_out_shape),
