@@ -54,7 +54,22 @@ def channel_sums(x: Any, axis: int, layout: Sequence[int], size: int) -> jax.Arr
 
 
 def _per_channel(x: Any, axis: int, layout: Sequence[int], size: int) -> np.ndarray:
+    if isinstance(x, np.ndarray):  # host data: NumPy, no kernel to compile per shape
+        per_index = x.sum(axis=tuple(a for a in range(x.ndim) if a != axis), dtype=np.float64)
+        lab = np.asarray(layout)
+        return np.bincount(lab[lab >= 0], per_index[lab >= 0], minlength=size)
     return np.asarray(channel_sums(x, axis, layout, size), np.float64)
+
+
+def on_host(x: Any) -> Any:
+    """``x`` as a NumPy array if it is a concrete array on one device (cheap to
+    read), else ``x`` itself (traced, or sharded: reduce where it lives)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
+            and len(x.sharding.device_set) == 1:
+        return np.asarray(x)
+    return x
 
 
 def group_importance(variables: PyTree, groups: Sequence[Group], importance: Importance = "l2", *,
@@ -115,22 +130,25 @@ def _aggregate(g: Group, leaves, gleaves, kind: str, reduce: str) -> np.ndarray:
         members, kind = (scales, "l1") if scales else (members, "l1")
     per = []
     for k, path, axis in members:
-        x = jnp.asarray(leaves[path])
+        x = on_host(leaves[path])
         if not jnp.issubdtype(x.dtype, jnp.floating):
             continue
         if kind in ("taylor", "saliency") and path not in gleaves:
             continue  # grads often cover only the params collection
-        x = x.astype(jnp.float32)
+        xp = np if isinstance(x, np.ndarray) else jnp
+        x = x.astype(xp.float32)
         if kind == "l1":
-            per.append(_per_channel(jnp.abs(x), axis, g.layouts[k], g.size))
+            per.append(_per_channel(xp.abs(x), axis, g.layouts[k], g.size))
         elif kind == "l2":
             per.append(np.sqrt(_per_channel(x * x, axis, g.layouts[k], g.size)))
-        elif kind == "saliency":
-            gx = jnp.asarray(gleaves[path], jnp.float32)
-            per.append(_per_channel(jnp.abs(x * gx), axis, g.layouts[k], g.size))
         else:
-            gx = jnp.asarray(gleaves[path], jnp.float32)
-            per.append(_per_channel(x * gx, axis, g.layouts[k], g.size) ** 2)
+            gx = on_host(gleaves[path])
+            gx = gx.astype(xp.float32) if type(gx) is type(x) else jnp.asarray(gx, jnp.float32)
+            prod = x * gx
+            if kind == "saliency":
+                per.append(_per_channel(abs(prod), axis, g.layouts[k], g.size))
+            else:
+                per.append(_per_channel(prod, axis, g.layouts[k], g.size) ** 2)
     if not per:
         return np.zeros(g.size)
     stack = np.stack(per)

@@ -40,7 +40,8 @@ from jax import lax
 from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured.trace import StructuredPruningError
 
-__all__ = ["Val", "Block", "UNKNOWN", "Regions", "eval_jaxpr", "wrap_input", "GHOST_RULES"]
+__all__ = ["Val", "Block", "UNKNOWN", "Regions", "eval_jaxpr", "wrap_input", "split_full",
+           "GHOST_RULES", "ZERO_PRESERVING", "PER_INDEX"]
 
 
 class _Unknown:
@@ -48,6 +49,7 @@ class _Unknown:
         return "UNKNOWN"
 
 
+#: Marks a removed block whose values are not carried (an error if it reaches a kept value).
 UNKNOWN = _Unknown()
 _ZERO = object()  # a block known to be zero (internal marker while evaluating)
 
@@ -306,7 +308,7 @@ def _bind_rule(s: Any, eqn: Any):
 
 
 # ---------------------------------------------------------------- generic per-index rule
-# Ops that act on every index of a coupled axis independently and map zeros to zeros.
+#: Ops that act on every index of a coupled axis independently and map zeros to zeros.
 ZERO_PRESERVING = frozenset("""
 reshape transpose broadcast_in_dim squeeze expand_dims slice dynamic_slice gather concatenate
 split rev copy copy_p convert_element_type reduce_precision stop_gradient sharding_constraint
@@ -315,6 +317,7 @@ reduce_window_max reduce_window_min dynamic_update_slice stack unstack tile psum
 pmin all_gather ppermute all_to_all pbroadcast psum_scatter reduce_scatter neg
 real imag conj select_and_gather_add bitcast_convert_type
 """.split())
+#: Ops that act on every index of a coupled axis independently.
 PER_INDEX = ZERO_PRESERVING | frozenset("pad cumlogsumexp".split())
 
 
@@ -331,7 +334,7 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
     if not elementwise and name not in PER_INDEX:
         raise _error(eqn, "touches a pruned axis and jaxprune does not know how it combines "
                           "the removed channels")
-    if all_in - all_out:
+    if (all_in - all_out) and name != "slice":  # a slice may leave out whole removed parts
         raise _error(eqn, "drops a pruned axis")
     has_blocks = any(v.blocks for v in invals)
     if not has_blocks and not (all_out - all_in) and name in ZERO_PRESERVING:
@@ -353,7 +356,8 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
                 for i, g in enumerate(got)]
         if _annihilated(name, zero, got):
             continue
-        if blocked and all(zero[i] for i in blocked) and not (S & (all_out - all_in)):
+        considered = blocked or list(range(len(got)))  # a broadcast reads only the main
+        if considered and all(zero[i] for i in considered):
             if name in ZERO_PRESERVING:
                 continue
             if elementwise:
@@ -608,6 +612,8 @@ def split_full(s: Any, x: Any, var: Any, scope: tuple, concrete: bool) -> Val:
     plus explicit blocks (made uniform, or dropped when zero, if ``concrete``)."""
     axes = s.t.axes(var, scope)
     atoms = _atom_set(s, var, scope)
+    if not atoms:
+        return Val(s.cut(x, var, scope))
     xp = np if concrete else jnp
     x = np.asarray(x) if concrete else x
     main = s.cut(jnp.asarray(x) if concrete else x, var, scope)
@@ -784,6 +790,7 @@ def _cond(s, eqn, invals, scope, sub):
     return list(lax.switch(invals[0].main, fns, *ops))
 
 
+#: Primitive name -> rule that combines removed blocks (others act block by block).
 GHOST_RULES: dict = {name: _reduce for name in
                      "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
                      "reduce_xor argmax argmin".split()}

@@ -39,7 +39,7 @@ import numpy as np
 from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured.trace import StructuredPruningError
 
-__all__ = ["width_constants", "align", "Misaligned"]
+__all__ = ["width_constants", "align", "trace_reference", "Misaligned"]
 
 _SHAPE_ONLY = frozenset("""broadcast_in_dim reshape squeeze expand_dims convert_element_type
 transpose copy copy_p reduce_precision stop_gradient sharding_constraint mesh_cast""".split())
@@ -82,6 +82,7 @@ class _Walker:
         self.const: dict = {}    # (scope, var) -> concrete scalar
         self.count: dict = {}    # (scope, var) -> (N, N'): sum / act-by-act product over pruned axes
         self.scaled: dict = {}   # (scope, var) -> [(scope, eqn index, operand, c, 'mul'|'div')]
+        self.contracted: dict = {}  # (scope, var) -> (N, N'): any other product over pruned axes
         self.dep: set = set()    # (scope, var) that depend on the model inputs
         self.out: dict = {}      # (scope, eqn index, operand) -> reduced constant
         self.suspect: list = []  # (key, eqn, c): a scalar that matches a pruned width
@@ -105,7 +106,7 @@ class _Walker:
         if _is_lit(outer):
             self.const[(iscope, inner)] = np.asarray(outer.val)
             return
-        for table in (self.const, self.count, self.scaled):
+        for table in (self.const, self.count, self.scaled, self.contracted):
             if (oscope, outer) in table:
                 table[(iscope, inner)] = table[(oscope, outer)]
         if (oscope, outer) in self.dep:
@@ -158,7 +159,7 @@ class _Walker:
             if _is_lit(ins[0]):
                 return
             src = (scope, ins[0])
-            for table in (self.count, self.scaled):
+            for table in (self.count, self.scaled, self.contracted):
                 if src in table:
                     table[(scope, out)] = table[src]
             return
@@ -182,7 +183,11 @@ class _Walker:
         lhs, rhs = eqn.invars[:2]
         old, new = self.sizes(lhs, scope)
         n, n2 = math.prod(old[a] for a in lc), math.prod(new[a] for a in lc)
-        if n == n2 or not all((scope, v) in self.dep for v in (lhs, rhs)):
+        if n == n2:
+            return
+        if not all((scope, v) in self.dep for v in (lhs, rhs)):
+            # x @ W over a pruned axis: a 1/sqrt(N) after it may or may not be a width.
+            self.contracted[(scope, eqn.outvars[0])] = (n, n2)
             return
         # An activation-by-activation product (attention logits): a scale of
         # 1/sqrt(N) on an operand or on the result follows the reduced N.
@@ -211,9 +216,11 @@ class _Walker:
             self.scaled.setdefault((scope, eqn.outvars[0]), []).append(
                 (scope, i, ck, cv, name, dt, eqn))
             old, new = self.sizes(x, scope)
-            for n, n2 in zip(old, new):
-                if n != n2 and any(_close(cv, t, dt) for t in
-                                   (n, 1.0 / n, math.sqrt(n), 1.0 / math.sqrt(n))):
+            widths = [n for n, n2 in zip(old, new) if n != n2]
+            if (scope, x) in self.contracted:
+                widths.append(self.contracted[(scope, x)][0])
+            for n in widths:
+                if any(_close(cv, t, dt) for t in (n, 1.0 / n, math.sqrt(n), 1.0 / math.sqrt(n))):
                     self.suspect.append(((scope, i, ck), eqn, cv))
             return
 

@@ -27,7 +27,7 @@ __all__ = ["make_plan", "check_plan", "plan_groups", "kept_positions", "slice_va
 
 #: Version tag stored in every plan; ``check_plan`` refuses other formats.
 FORMAT = "jaxprune.structured.plan/1"
-# What a reduction over a pruned axis computes in the shrunk model (see shrink).
+#: What a reduction over a pruned axis computes in the shrunk model (see ``shrink``).
 SEMANTICS = ("masked", "native")
 
 
@@ -156,6 +156,15 @@ def _map_leaves(variables: PyTree, fn) -> PyTree:
     return jax.tree.unflatten(treedef, [fn(jtree.path_str(p), x) for p, x in flat])
 
 
+def _on_host(x: Any) -> Any:
+    """A concrete one-device array as NumPy (no kernel compiled per shape)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
+            and len(x.sharding.device_set) == 1 and x.dtype != jax.dtypes.float0 \
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(x)
+    return x
+
+
 def slice_variables(variables: PyTree, plan: Plan) -> PyTree:
     """The smaller variables: every pruned axis cut to its kept indices.
 
@@ -165,10 +174,14 @@ def slice_variables(variables: PyTree, plan: Plan) -> PyTree:
     pos = kept_positions(plan)
 
     def cut(path, x):
-        for (p, axis), idx in pos.items():
-            if p == path:
-                x = jnp.take(x, jnp.asarray(idx), axis=axis)
-        return x
+        mine = [(axis, idx) for (p, axis), idx in pos.items() if p == path]
+        if not mine:
+            return x
+        host = _on_host(x)
+        for axis, idx in mine:
+            host = np.take(host, idx, axis=axis) if isinstance(host, np.ndarray) \
+                else jnp.take(host, jnp.asarray(idx), axis=axis)
+        return jax.device_put(host) if isinstance(host, np.ndarray) else host
     return _map_leaves(variables, cut)
 
 
@@ -217,10 +230,17 @@ def zero_removed(variables: PyTree, plan: Plan) -> PyTree:
     pos = kept_positions(plan)
 
     def zero(path, x):
-        for (p, axis), idx in pos.items():
-            if p == path:
-                x = jnp.where(jnp.asarray(_kept_along(x, axis, idx)), x, jnp.zeros_like(x))
-        return x
+        mine = [(axis, idx) for (p, axis), idx in pos.items() if p == path]
+        if not mine:
+            return x
+        host = _on_host(x)
+        for axis, idx in mine:
+            if isinstance(host, np.ndarray):
+                host = np.where(_kept_along(host, axis, idx), host, np.zeros_like(host))
+            else:
+                host = jnp.where(jnp.asarray(_kept_along(host, axis, idx)), host,
+                                 jnp.zeros_like(host))
+        return jax.device_put(host) if isinstance(host, np.ndarray) else host
     return _map_leaves(variables, zero)
 
 
