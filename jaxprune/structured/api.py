@@ -13,7 +13,7 @@ from jaxprune.structured import importance as imp
 from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured import native
 from jaxprune.structured import plan as plan_lib
-from jaxprune.structured.groups import Analysis, Group, analyze
+from jaxprune.structured.groups import Group, analyze
 from jaxprune.structured.shrink import Shrinker
 from jaxprune.structured.trace import StructuredPruningError
 
