@@ -139,8 +139,8 @@ def test_cached_sub_jaxpr_called_twice_does_not_couple_call_sites():
 
 
 # ------------------------------------------------------------------ bad input
-_mystery = Primitive("mystery_op")
-_mystery.def_impl(lambda x: x)
+_mystery = Primitive("mystery_op")  # no rule, and it reverses its last axis (never equivariant)
+_mystery.def_impl(lambda x: x[..., ::-1])
 _mystery.def_abstract_eval(lambda x: x)
 
 

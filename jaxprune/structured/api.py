@@ -14,7 +14,7 @@ from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured import native
 from jaxprune.structured import plan as plan_lib
 from jaxprune.structured.groups import Group, analyze
-from jaxprune.structured.shrink import Shrinker
+from jaxprune.structured.shrink import Shrinker, check_random_bits
 from jaxprune.structured.trace import StructuredPruningError
 
 PyTree = Any
@@ -47,21 +47,24 @@ class ShrunkFunction:
     The function is re-emitted from the jaxpr of ``apply_fn`` (traced at the
     full shapes); a new input shape (another batch size) triggers one re-trace.
     Differentiable and jittable; wrap it in ``jax.jit`` (``shrink`` does).
-    Structural pruning by re-emission follows the groups of DepGraph (Fang et
-    al. 2023). ``semantics`` says what a reduction over a pruned axis computes
-    (see ``shrink``); with ``"native"`` and a ``reference`` that aligns with the
-    plan, the reference itself (the model at the reduced widths) is run.
+    Random bits (dropout) are drawn at the reduced shapes unless
+    ``random_bits="exact"`` (see ``shrink``). Structural pruning by re-emission
+    follows the groups of DepGraph (Fang et al. 2023). ``semantics`` says what a
+    reduction over a pruned axis computes (see ``shrink``); with ``"native"``
+    and a ``reference`` that aligns with the plan, the reference itself (the
+    model at the reduced widths) is run.
     """
 
     def __init__(self, apply_fn: Callable, full_variables: PyTree, plan: dict,
                  prunable_io: bool = False, semantics: Optional[str] = None,
-                 reference: Any = "auto") -> None:
+                 reference: Any = "auto", random_bits: str = "reduced") -> None:
         self.apply_fn = apply_fn
         self.full = _abstract(full_variables)
         self.plan = plan
         self.prunable_io = prunable_io
         self.semantics = plan_lib.semantics_of(plan, semantics)
         self.reference = reference
+        self.random_bits = check_random_bits(random_bits)
         self.small = jax.eval_shape(lambda v: plan_lib.slice_variables(v, plan), self.full)
         self._cache: dict[Any, tuple] = {}
         self.method: Optional[str] = None  # native: "reference" or "analytic" (last call)
@@ -86,7 +89,7 @@ class ShrunkFunction:
         a, keep, constants, ref = got
         self.method = None if self.semantics == "masked" else ("analytic" if ref is None
                                                                 else "reference")
-        return a, Shrinker(a, keep, self.semantics, constants), ref
+        return a, Shrinker(a, keep, self.semantics, constants, self.random_bits), ref
 
     def _reference(self, s: Shrinker, args: tuple) -> Optional[Callable]:
         """The model at the reduced widths, if it aligns with the plan."""
@@ -166,7 +169,8 @@ def plan_for(apply_fn: Callable, variables: PyTree, *example_args: Any, sparsity
 
 
 def shrink(apply_fn: Callable, variables: PyTree, plan: dict, *, prunable_io: bool = False,
-           semantics: Optional[str] = None, reference: Any = "auto") -> tuple[PyTree, Callable]:
+           semantics: Optional[str] = None, reference: Any = "auto",
+           random_bits: str = "reduced") -> tuple[PyTree, Callable]:
     """Smaller variables and a jitted, differentiable forward at reduced shapes.
 
     The forward re-emits the jaxpr of ``apply_fn`` with the shape parameters
@@ -194,13 +198,19 @@ def shrink(apply_fn: Callable, variables: PyTree, plan: dict, *, prunable_io: bo
       might encode a width but matches no known pattern is an error
       (``jaxprune.structured.native``). ``reference=False`` skips the trial.
 
+    ``random_bits``: ``"reduced"`` (default) draws random bits (dropout masks)
+    along pruned axes at the reduced shape: the same distribution as the
+    masked dense model's draw cut to the kept channels, at the cost of the
+    small model. ``"exact"`` draws them at the full shape and cuts them, so
+    the shrunk output equals the masked dense model's bit for bit (tests).
+
     Returns:
       ``(small_variables, jitted_fn)`` with ``jitted_fn(small_variables, *args)``.
     """
     plan_lib.check_plan(plan, variables)
     small = plan_lib.slice_variables(variables, plan)
     return small, jax.jit(ShrunkFunction(apply_fn, variables, plan, prunable_io, semantics,
-                                         reference))
+                                         reference, random_bits))
 
 
 @dataclasses.dataclass
@@ -229,11 +239,12 @@ def prune_function(apply_fn: Callable, variables: PyTree, *example_args: Any,
 
     Group importance and coupling as in DepGraph (Fang et al. 2023); keyword
     arguments are those of ``plan_for`` (``semantics="masked"|"native"``
-    included, see ``shrink``).
+    included), and ``random_bits`` of ``shrink``.
     """
     prunable_io = kwargs.get("prunable_io", False)
+    random_bits = kwargs.pop("random_bits", "reduced")
     plan = plan_for(apply_fn, variables, *example_args, **kwargs)
-    small, fn = shrink(apply_fn, variables, plan, prunable_io=prunable_io)
+    small, fn = shrink(apply_fn, variables, plan, prunable_io=prunable_io, random_bits=random_bits)
     return PruneResult(small, fn, plan, plan_lib.plan_groups(plan), param_count(variables),
                        param_count(small))
 
@@ -246,7 +257,8 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
                    importance: imp.Importance = "l2", round_to: int = 1,
                    ignore: Any = None, plan: Optional[dict] = None,
                    apply_kwargs: Optional[dict] = None, rebuild: Optional[Callable] = None,
-                   semantics: Optional[str] = None, **kwargs: Any) -> PruneResult:
+                   semantics: Optional[str] = None, random_bits: str = "reduced",
+                   **kwargs: Any) -> PruneResult:
     """Removes ``sparsity`` of the channels of every coupled group, for real.
 
     Groups come from the jaxpr (DepGraph, Fang et al. 2023), ranked by
@@ -272,6 +284,8 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
         rebuilt model is traced, checked equation by equation against the
         plan (an error names the first equation where it prunes differently)
         and ``.apply`` runs it, so ``.apply`` and ``.model``/``.module`` agree.
+      random_bits: ``"reduced"`` (default) or ``"exact"``: how the shrunk
+        forward draws random bits (dropout masks); see ``shrink``.
 
     Returns:
       ``PruneResult`` with ``.variables``, ``.apply`` (jitted forward
@@ -293,10 +307,12 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
     if plan is not None and semantics is not None and plan.get("semantics", "masked") != semantics:
         plan = {**plan, "semantics": semantics}
     options = dict(sparsity=sparsity, importance=importance, round_to=round_to, ignore=ignore,
-                   semantics=semantics or "masked", **kwargs)
+                   semantics=semantics or "masked", random_bits=check_random_bits(random_bits),
+                   **kwargs)
     apply_kwargs = dict(apply_kwargs or {})
     if _is_flax(target, "flax.nnx"):
         from jaxprune.structured import flax as fx
+        fx.check_nnx_inputs(target, args)
         fn, variables, state = fx.nnx_functional(target)
         full = _run(fn, variables, args, plan, options, reference=False, rebuild=(
             None if rebuild is None else lambda small: fx.rebuild_nnx(lambda: rebuild(small), small)))
@@ -329,7 +345,9 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
 def _run(fn: Callable, variables: PyTree, inputs: tuple, plan: Optional[dict], options: dict,
          reference: Any, rebuild: Optional[Callable] = None,
          linen_kwargs: Optional[dict] = None) -> PruneResult:
+    options = dict(options)
     prunable_io = options.get("prunable_io", False)
+    random_bits = options.pop("random_bits", "reduced")
     if plan is None:
         plan = plan_for(fn, variables, *inputs, **options)
     else:
@@ -340,7 +358,8 @@ def _run(fn: Callable, variables: PyTree, inputs: tuple, plan: Optional[dict], o
         small = plan_lib.slice_variables(variables, plan)
         model = rebuild(small)
         reference = _reference_of(model, linen_kwargs)
-    small, shrunk = shrink(fn, variables, plan, prunable_io=prunable_io, reference=reference)
+    small, shrunk = shrink(fn, variables, plan, prunable_io=prunable_io, reference=reference,
+                           random_bits=random_bits)
     if rebuild is not None:
         jax.eval_shape(shrunk, small, *inputs)  # traces the rebuilt model, checks it against the plan
     result = PruneResult(small, shrunk, plan, plan_lib.plan_groups(plan), param_count(variables),

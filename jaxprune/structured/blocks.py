@@ -132,7 +132,10 @@ class Regions:
                 return np.asarray(self.keep.get(r, np.arange(uf.size[r])), np.int64)
             rem = self.removed(r)
             return rem if m == "e" else rem[:1]
-        kind, kids = st
+        kind, kids = st[0], st[1]
+        if kind == "take":  # the child's entries at constant positions (a permutation)
+            inside = np.isin(np.asarray(st[2]), self.region(kids[0], modes))
+            return np.flatnonzero(inside).astype(np.int64)
         if kind == "sum":
             parts, offset = [], 0
             for c in kids:

@@ -33,16 +33,27 @@ def _is_lit(v: Any) -> bool:
 # ---------------------------------------------------------------- coupling
 def _call(t, eqn, scope, sub):
     """jit / custom_jvp_call / custom_vjp_call / remat / closed_call: inline."""
-    jaxpr = jp.call(eqn).jaxpr
-    for v in jaxpr.constvars:
-        t.axes(v, sub)
+    body = jp.call(eqn)
+    jaxpr = body.jaxpr
+    _consts(t, body, sub)
     for outer, inner in zip(eqn.invars, jaxpr.invars):
+        t.alias(inner, sub, outer, scope)  # constant operands stay known inside
         if not _is_lit(outer):
             t.unite_vars(outer, scope, inner, sub)
     t.walk(jaxpr, sub)
     for outer, inner in zip(eqn.outvars, jaxpr.outvars):
+        t.alias(outer, scope, inner, sub)
         if not _is_lit(inner):
             t.unite_vars(outer, scope, inner, sub)
+
+
+def _consts(t, body, sub):
+    """Node ids and known values for a sub-jaxpr's constvars."""
+    for v, c in zip(body.jaxpr.constvars, body.consts):
+        t.axes(v, sub)
+        t.values[(sub, v)] = c
+    for v in body.jaxpr.constvars[len(body.consts):]:
+        t.axes(v, sub)
 
 
 def _scan(t, eqn, scope, sub):

@@ -22,7 +22,8 @@ from jaxprune.structured.trace import StructuredPruningError
 
 PyTree = Any
 
-__all__ = ["ShrunkLinen", "ShrunkNNX", "nnx_functional", "shrunk_nnx_model", "rebuild_nnx"]
+__all__ = ["ShrunkLinen", "ShrunkNNX", "nnx_functional", "shrunk_nnx_model", "rebuild_nnx",
+           "check_nnx_inputs"]
 
 
 class ShrunkLinen(nn.Module):
@@ -79,6 +80,28 @@ def nnx_functional(model: nnx.Module) -> tuple[Callable, PyTree, Any]:
         return out, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
 
     return apply, pure, state
+
+
+def check_nnx_inputs(model: nnx.Module, args: tuple) -> None:
+    """Raises ``TypeError`` when an NNX model is given its state as the first
+    input (the Linen form ``prune_channels(module, variables, x)``): an NNX
+    model holds its own variables."""
+    if not args:
+        return
+    first = args[0]
+    state_like = isinstance(first, (nnx.State, nnx.Module, nnx.Variable))
+    if not state_like and isinstance(first, dict):
+        try:
+            pure = nnx.to_pure_dict(nnx.state(model))
+            state_like = jax.tree.structure(first) == jax.tree.structure(pure)
+        except Exception:  # noqa: BLE001 - not comparable: not the model's state
+            state_like = False
+    if state_like:
+        raise TypeError(
+            "for an NNX module pass only the inputs: prune_channels(model, x, ...) "
+            f"(the first input is {type(first).__name__}, the model's own state; the NNX "
+            "model holds its variables, so prune_channels(model, nnx.state(model), x) is the "
+            "Linen form)")
 
 
 def _variable_types(state: Any) -> dict[str, type]:

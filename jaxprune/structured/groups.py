@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxprune import tree as jtree
+from jaxprune.structured import equivariance
 from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured.rules import TRACE_RULES
 from jaxprune.structured.trace import StructuredPruningError, Tracer, unsupported_error
@@ -107,15 +108,17 @@ def analyze(apply_fn: Callable, variables: PyTree, *example_args: Any,
     items = jtree.leaves_with_paths(variables)
     paths = [p for p, _ in items]
     shapes = [tuple(getattr(x, "shape", np.shape(x))) for _, x in items]
-    t = Tracer(TRACE_RULES)
-    jaxpr = jp.sub(closed).jaxpr
-    for v in jaxpr.constvars:
+    t = Tracer(TRACE_RULES, fallback=equivariance.couple)
+    jaxpr, consts = jp.sub(closed)
+    for v, c in zip(jaxpr.constvars, consts):
         t.axes(v, ())
+        t.values[((), v)] = c
     n_var = len(paths)
     if not prunable_io:
         for v in jaxpr.invars[n_var:]:
             t.freeze_var(v, (), "model input")
     t.walk(jaxpr, ())
+    _freeze_unread(t, jaxpr, n_var)
     out_items = jtree.leaves_with_paths(out_shape)
     for (opath, oleaf), ov in zip(out_items, jaxpr.outvars):
         if type(ov).__name__ == "Literal":
@@ -125,6 +128,7 @@ def analyze(apply_fn: Callable, variables: PyTree, *example_args: Any,
             t.unite_vars(ov, (), jaxpr.invars[state_k], ())
         elif not prunable_io:
             t.freeze_var(ov, (), "model output")
+    _freeze_dropped(t)
     frozen = t.uf.frozen_atoms()
     # atom -> the leaf axes it appears in, in leaf order (first appearance fixes
     # the group order, so a plan replays on a fresh trace of the same model).
@@ -136,13 +140,39 @@ def analyze(apply_fn: Callable, variables: PyTree, *example_args: Any,
                 where.setdefault(atom, []).append((k, axis))
                 if found_here.count(atom) > 1:  # e.g. (n*n) split into (n, n): refuse
                     frozen.setdefault(atom, "channel appears twice within one axis")
-    for name, text, nodes in t.unknown:
-        if any(a in where and t.uf.size[a] > 1 for n in nodes for a in t.uf.atoms(n)):
-            raise unsupported_error(name, text)
+    # An axis that an op could not follow may stay only if nothing prunes it.
+    for name, text, nodes, why in t.unknown:
+        for a in (a for n in nodes for a in t.uf.atoms(n)):
+            if a in where and t.uf.size[a] > 1 and a not in frozen:
+                raise unsupported_error(name, text, why)
+    for name, text, nodes, why in t.unknown:
+        for a in (a for n in nodes for a in t.uf.atoms(n)):
+            frozen.setdefault(a, f"unsupported primitive '{name}'")
     atoms = [a for a in where if a not in frozen and t.uf.size[a] > 1]
     found = [_group_of(t, jaxpr, atom, paths, where[atom]) for atom in atoms]
     return Analysis(closed, t, paths, shapes, var_def, jax.tree.structure(out_shape),
                     atoms, found, frozen)
+
+
+def _freeze_unread(t: Tracer, jaxpr: Any, n_var: int) -> None:
+    """A variable that no equation reads is not part of the function: its axes
+    are not offered as groups (passing it through to the outputs is no read)."""
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    for v in jaxpr.invars[:n_var]:
+        if id(v) not in read:
+            t.freeze_var(v, (), "variable never read by the traced function")
+
+
+def _freeze_dropped(t: Tracer) -> None:
+    """Positions that a slice leaves out and no variable holds on its own (rows
+    of a position table beyond the traced length, channels cut away) are not
+    channels: freeze them."""
+    uf = t.uf
+    held = {uf.find(n) for nodes in t.nodes.values() for n in nodes}
+    for n in uf.dropped:
+        r = uf.find(n)
+        if r not in held and r not in uf.struct:
+            uf.freeze(r, "positions a slice leaves out")
 
 
 def _state_match(opath: str, oshape: tuple, paths: list[str], shapes: list[tuple]) -> Optional[int]:
@@ -171,7 +201,11 @@ def groups(apply_fn: Callable, variables: PyTree, *example_args: Any,
     (abstract inputs only) with one rule per primitive; an unknown primitive
     touching a non-trivial axis raises ``StructuredPruningError`` naming it.
     Axes that reach the example inputs or the outputs are not prunable unless
-    ``prunable_io=True``. Every variable collection is covered.
+    ``prunable_io=True``; neither are axes indexed by position (positions a
+    slice leaves out, axes read at data-dependent positions, ``argmax``
+    positions) nor leaves the function never reads. A primitive without a rule
+    is coupled along the axes where slicing commutes with it exactly
+    (``equivariance.py``). Every variable collection is covered.
 
     Args:
       apply_fn: ``apply_fn(variables, *example_args)``, any JAX function.

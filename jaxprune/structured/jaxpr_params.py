@@ -17,8 +17,8 @@ import jax
 
 from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
-__all__ = ["Sub", "ScanLayout", "WhileLayout", "sub", "call", "scan", "while_loop", "cond_branches",
-           "shard_map", "CALL_PARAMS"]
+__all__ = ["Sub", "ScanLayout", "WhileLayout", "ShardMapLayout", "sub", "call", "scan",
+           "while_loop", "cond_branches", "shard_map", "CALL_PARAMS"]
 
 #: Call-like primitives (inlined by the tracer) and the parameter holding their body.
 CALL_PARAMS = {
@@ -53,6 +53,21 @@ class WhileLayout(NamedTuple):
     body: Sub
     cond_nconsts: int
     body_nconsts: int
+
+
+class ShardMapLayout(NamedTuple):
+    """A ``shard_map``: its body (at per-device shapes), mesh and specs.
+
+    ``in_specs``/``out_specs`` hold one ``PartitionSpec`` per operand/result;
+    ``manual_axes`` are the mesh axes the body is manual over.
+    """
+
+    body: Sub
+    mesh: Any
+    in_specs: tuple
+    out_specs: tuple
+    manual_axes: frozenset
+    check_vma: bool
 
 
 def layout_error(eqn: Any, what: str) -> StructuredPruningError:
@@ -119,6 +134,37 @@ def cond_branches(eqn: Any) -> list[Sub]:
     return [sub(b) for b in _param(eqn, "branches")]
 
 
-def shard_map(eqn: Any) -> Sub:
-    """The body of a ``shard_map``."""
-    return sub(_param(eqn, "jaxpr"))
+def _spec_of_names(names: Any, rank: int) -> Any:
+    """``{dim: mesh axes}`` (the layout before ``in_specs``) as a ``PartitionSpec``."""
+    entries = []
+    for d in range(rank):
+        axes = tuple(names.get(d, ()))
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.sharding.PartitionSpec(*entries)
+
+
+def shard_map(eqn: Any) -> ShardMapLayout:
+    """How a ``shard_map`` equation maps global operands to its per-device body."""
+    p = eqn.params
+    body = sub(_param(eqn, "jaxpr"))
+    mesh = _param(eqn, "mesh")
+    if "in_specs" in p and "out_specs" in p:  # jax 0.10 and 0.12
+        ins, outs = tuple(p["in_specs"]), tuple(p["out_specs"])
+    elif "in_names" in p and "out_names" in p:  # older releases
+        ins = tuple(_spec_of_names(n, len(v.aval.shape)) for n, v in zip(p["in_names"], eqn.invars))
+        outs = tuple(_spec_of_names(n, len(v.aval.shape)) for n, v in zip(p["out_names"], eqn.outvars))
+    else:
+        raise layout_error(eqn, "no in_specs/out_specs or in_names/out_names")
+    if len(ins) != len(eqn.invars) or len(outs) != len(eqn.outvars):
+        raise layout_error(eqn, "spec counts do not match the operands")
+    manual = p.get("newly_manual_axes")
+    if manual is None:
+        manual = frozenset(mesh.axis_names) - frozenset(p.get("auto", ()))
+    return ShardMapLayout(body, mesh, ins, outs, frozenset(manual),
+                          bool(p.get("check_vma", p.get("check_rep", True))))
+
+
+def spec_dims(spec: Any, rank: int) -> set[int]:
+    """Dimensions a ``PartitionSpec`` shards (split over some mesh axis)."""
+    entries = tuple(spec) if spec is not None else ()
+    return {d for d, e in enumerate(entries[:rank]) if e is not None and e != ()}

@@ -53,14 +53,16 @@ split rev copy copy_p convert_element_type reduce_precision stop_gradient shardi
 mesh_cast optimization_barrier cumsum cumprod cummax cummin sort reduce_window_sum
 reduce_window_max reduce_window_min dynamic_update_slice stack unstack tile psum pmean pmax
 pmin all_gather ppermute all_to_all pbroadcast psum_scatter reduce_scatter neg
-real imag conj select_and_gather_add bitcast_convert_type
+real imag conj select_and_gather_add bitcast_convert_type rev pvary psum_invariant
+all_gather_invariant scatter scatter-add scatter_add scatter-sub scatter_sub scatter-mul
+scatter_mul scatter-min scatter_min scatter-max scatter_max
 """.split())
 #: Ops that act on every index of a coupled axis independently.
-PER_INDEX = ZERO_PRESERVING | frozenset("pad cumlogsumexp".split())
+PER_INDEX = ZERO_PRESERVING | frozenset("pad cumlogsumexp top_k call_hi_primitive".split())
 
 
 def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
-    from jaxprune.structured.rules import ELEMENTWISE
+    from jaxprune.structured.rules import ELEMENTWISE, TRACE_RULES
     name = eqn.primitive.name
     outs = listify(eqn, bind_rule(s, eqn)(s, eqn, [v.main for v in invals], scope, sub))
     in_sets = [atom_set(s, v, scope) for v in eqn.invars]
@@ -69,7 +71,9 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
     if not all_in and not all_out:
         return [Val(o) for o in outs]
     elementwise = name in ELEMENTWISE
-    if not elementwise and name not in PER_INDEX:
+    # A primitive without a coupling rule was coupled by the equivariance check:
+    # it acts on each kept index alone, so it acts on each block alone too.
+    if not elementwise and name not in PER_INDEX and name in TRACE_RULES:
         raise masked_error(eqn, "touches a pruned axis and jaxprune does not know how it combines "
                           "the removed channels")
     if (all_in - all_out) and name != "slice":  # a slice may leave out whole removed parts

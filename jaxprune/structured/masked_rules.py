@@ -183,6 +183,30 @@ def _conv(s, eqn, invals, scope, sub):
 
 
 
+def _shard_map(s, eqn, invals, scope, sub):
+    """A ``shard_map`` body runs on per-device arrays: removed blocks cannot
+    cross it, so they must be zero on the way in and come out zero."""
+    if any(v.blocks for v in invals):
+        raise masked_error(eqn, "receives removed channels that are not zero")
+    inner = s.sub_eval
+
+    def zero_blocks(sub_, scope_):
+        body = inner(sub_, scope_)
+
+        def run(*args):
+            outs = body(*[Val(a) for a in args])
+            if any(o.blocks for o in outs):
+                raise masked_error(eqn, "returns removed channels that are not zero")
+            return [o.main for o in outs]
+        return run
+    s.sub_eval = zero_blocks
+    try:
+        outs = bind_rule(s, eqn)(s, eqn, [v.main for v in invals], scope, sub)
+    finally:
+        s.sub_eval = inner
+    return [Val(o) for o in listify(eqn, outs)]
+
+
 # ---------------------------------------------------------------- values born in the program
 def _iota(s, eqn, invals, scope, sub):
     full = eqn.primitive.bind(**eqn.params)
@@ -190,8 +214,11 @@ def _iota(s, eqn, invals, scope, sub):
 
 
 def _random_bits(s, eqn, invals, scope, sub):
-    main = listify(eqn, bind_rule(s, eqn)(s, eqn, [v.main for v in invals], scope, sub))[0]
     atoms = atom_set(s, eqn.outvars[0], scope)
+    if atoms and s.random_bits == "exact":  # the masked model's very bits, removed ones too
+        full = eqn.primitive.bind(*[v.main for v in invals], **eqn.params)
+        return [split_full(s, full, eqn.outvars[0], scope, concrete=False)]
+    main = listify(eqn, bind_rule(s, eqn)(s, eqn, [v.main for v in invals], scope, sub))[0]
     return [Val(main, {S: Block(tuple((a, "u") for a in sorted(S)), UNKNOWN)
                        for S in subsets(atoms)})]
 
@@ -322,6 +349,7 @@ GHOST_RULES: dict = {name: _reduce for name in
                      "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
                      "reduce_xor argmax argmin".split()}
 GHOST_RULES.update({
+    "shard_map": _shard_map,
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "iota": _iota,

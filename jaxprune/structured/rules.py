@@ -3,18 +3,26 @@
 A rule receives the tracer, the equation, the scope of the equation's own
 variables and the scope for its sub-jaxprs. It unites the axes that carry the
 same channel index and freezes axes whose index cannot be followed (strided
-slices, padded axes, sorted axes, ...). A primitive with no rule has all its
-axes frozen, and the analysis raises an error naming it and its equation if
-one of them is coupled to a variable (see ``Tracer.walk``). Rules for primitives that hold
-sub-jaxprs (``jit``, ``custom_jvp_call``, ``scan``, ``cond``, ``while``, ...)
-live in ``control.py``.
+slices, padded axes, sorted axes, argmax positions, ...). Axes indexed by
+position are not channels: the positions a slice drops and the rows a gather
+reads at data-dependent positions are frozen; a gather at *constant* positions
+(``h[:, perm]``, ``x[:, [0, 2]]``) and ``rev`` record which channel lands where
+(a ``take`` structure), so pruning maps through the permutation. Every
+primitive that ``jax.nn``, ``jax.numpy`` and the Flax Linen/NNX layers emit on
+jax 0.10 and 0.12 has a rule (``tests/test_primitive_coverage.py`` audits it).
+A primitive with no rule goes to the equivariance check of ``equivariance.py``;
+axes it cannot couple make the analysis raise, naming the primitive and its
+equation, if they would be pruned. Gather, scatter and ``rev`` live in
+``indexing.py``; rules for primitives that hold sub-jaxprs
+(``jit``, ``custom_jvp_call``, ``scan``, ``cond``, ``while``, ...) live in
+``control.py``; collectives and ``shard_map`` in ``collectives.py``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from jaxprune.structured import control
+from jaxprune.structured import collectives, control, equivariance, indexing
 from jaxprune.structured.trace import Tracer
 
 __all__ = ["TRACE_RULES", "ELEMENTWISE"]
@@ -28,11 +36,11 @@ square integer_pow abs erf erfc erf_inv lgamma digamma convert_element_type
 stop_gradient copy copy_p reduce_precision real imag conj shift_left
 shift_right_logical shift_right_arithmetic population_count clz add_any
 sharding_constraint mesh_cast polygamma igamma igammac bessel_i0e bessel_i1e
+le_to lt_to random_gamma_grad zeta regularized_incomplete_beta
 """.split())
 
 REDUCTIONS = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor "
-    "argmax argmin".split())
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split())
 
 
 def _elementwise(t: Tracer, eqn: Any, scope: tuple, sub: tuple) -> None:
@@ -136,6 +144,16 @@ def _reduce(t, eqn, scope, sub):
             t.uf.union(p, q)
 
 
+def _arg_reduce(t, eqn, scope, sub):
+    """``argmax``/``argmin``: the result is a position along the reduced axis,
+    which would index the kept channels only: that axis is not prunable."""
+    _reduce(t, eqn, scope, sub)
+    x = eqn.invars[0]
+    for a in eqn.params["axes"]:
+        t.uf.freeze(t.axes(x, scope)[a % len(t.shape(x))],
+                    f"'{eqn.primitive.name}' returns positions along this axis")
+
+
 def _along_axis_frozen(param: str):
     def rule(t, eqn, scope, sub):
         _elementwise(t, eqn, scope, sub)
@@ -226,7 +244,10 @@ def _slice(t, eqn, scope, sub):
         if (a, b, s) == (0, xs[k], 1):
             t.uf.union(xa[k], oa[k])
         elif s == 1:
+            # The positions the slice leaves out are not channels (unless some
+            # other slice reads them; see groups.analyze).
             pre, post = t.uf.new(a), t.uf.new(xs[k] - b)
+            t.uf.dropped += [pre, post]
             t.uf.set_struct(xa[k], "sum", [pre, oa[k], post])
         else:
             t.uf.freeze(xa[k], "strided slice")
@@ -270,27 +291,65 @@ def _dynamic_update_slice(t, eqn, scope, sub):
             t.uf.freeze(ua[k], "dynamically updated axis")
 
 
-def _gather(t, eqn, scope, sub):
-    x, idx = eqn.invars[:2]
-    out = eqn.outvars[0]
-    dn = eqn.params["dimension_numbers"]
-    xs, xa, oa = t.shape(x), t.axes(x, scope), t.axes(out, scope)
-    ia = t.axes(idx, scope)
-    sizes = eqn.params["slice_sizes"]
-    offset_operand = [d for d in range(len(xs))
-                      if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
-    for d, o in zip(offset_operand, dn.offset_dims):
-        if sizes[d] == xs[d] and d not in dn.start_index_map:
-            t.uf.union(xa[d], oa[o])
+def _stack(t, eqn, scope, sub):
+    oa = t.axes(eqn.outvars[0], scope)
+    ax = eqn.params["axis"] % len(oa)
+    rest = [a for k, a in enumerate(oa) if k != ax]
+    for v in eqn.invars:
+        for p, q in zip(t.axes(v, scope), rest):
+            t.uf.union(p, q)
+    t.uf.freeze(oa[ax], "stacked axis (one entry per operand)")
+
+
+def _unstack(t, eqn, scope, sub):
+    xa = t.axes(eqn.invars[0], scope)
+    ax = eqn.params["axis"] % len(xa)
+    rest = [a for k, a in enumerate(xa) if k != ax]
+    for v in eqn.outvars:
+        for p, q in zip(rest, t.axes(v, scope)):
+            t.uf.union(p, q)
+    t.uf.freeze(xa[ax], "unstacked axis (one result per entry)")
+
+
+def _tile(t, eqn, scope, sub):
+    """Output axis = repetitions x input axis (row-major); repetitions stay."""
+    x, out = eqn.invars[0], eqn.outvars[0]
+    xa, oa = t.axes(x, scope), t.axes(out, scope)
+    reps = tuple(eqn.params["reps"])
+    if len(xa) != len(oa) or len(reps) != len(xa):
+        return _freeze_all("tile that changes rank")(t, eqn, scope, sub)
+    for k, r in enumerate(reps):
+        if r == 1:
+            t.uf.union(xa[k], oa[k])
         else:
-            t.uf.freeze(xa[d], "gathered axis"); t.uf.freeze(oa[o], "gathered axis")
-    for d in list(dn.collapsed_slice_dims) + list(dn.start_index_map) + list(dn.operand_batching_dims):
-        t.uf.freeze(xa[d], "indexed axis")
-    batch_out = [k for k in range(len(oa)) if k not in dn.offset_dims]
-    for p, q in zip(ia[:-1], batch_out):
-        t.uf.union(p, q)
-    if ia:
-        t.uf.freeze(ia[-1], "index vector")
+            rep = t.uf.new(r)
+            t.uf.freeze(rep, "tile repetitions")
+            t.uf.set_struct(oa[k], "prod", [rep, xa[k]])
+
+
+def _top_k(t, eqn, scope, sub):
+    x = eqn.invars[0]
+    xa = t.axes(x, scope)
+    ax = eqn.params.get("axis", -1) % len(xa)
+    for o in eqn.outvars:
+        oa = t.axes(o, scope)
+        for k, (p, q) in enumerate(zip(xa, oa)):
+            if k == ax:
+                t.uf.freeze(p, "top_k axis"); t.uf.freeze(q, "top_k axis")
+            else:
+                t.uf.union(p, q)
+
+
+def _fft(t, eqn, scope, sub):
+    """The transformed (last ``len(fft_lengths)``) axes mix; the rest pass through."""
+    x, out = eqn.invars[0], eqn.outvars[0]
+    xa, oa = t.axes(x, scope), t.axes(out, scope)
+    n = len(eqn.params["fft_lengths"])
+    for k, (p, q) in enumerate(zip(xa, oa)):
+        if k >= len(xa) - n:
+            t.uf.freeze(p, "fft axis"); t.uf.freeze(q, "fft axis")
+        else:
+            t.uf.union(p, q)
 
 
 def _random_bits(t, eqn, scope, sub):
@@ -361,7 +420,6 @@ TRACE_RULES.update({
     "pad": _pad,
     "dynamic_slice": _dynamic_slice,
     "dynamic_update_slice": _dynamic_update_slice,
-    "gather": _gather,
     "iota": _iota,
     "cumsum": _along_axis_frozen("axis"),
     "cumprod": _along_axis_frozen("axis"),
@@ -369,11 +427,13 @@ TRACE_RULES.update({
     "cummin": _along_axis_frozen("axis"),
     "cumlogsumexp": _along_axis_frozen("axis"),
     "sort": _along_axis_frozen("dimension"),
-    "rev": _freeze_all("reversed axes"),
-    "top_k": _freeze_all("top_k"),
-    "scatter": _freeze_all("scatter"),
-    "scatter-add": _freeze_all("scatter"),
-    "scatter_add": _freeze_all("scatter"),
+    "argmax": _arg_reduce,
+    "argmin": _arg_reduce,
+    "top_k": _top_k,
+    "fft": _fft,
+    "stack": _stack,
+    "unstack": _unstack,
+    "tile": _tile,
     "random_bits": _random_bits,
     "bitcast_convert_type": _bitcast,
     "random_seed": _freeze_all("random numbers"),
@@ -387,6 +447,13 @@ TRACE_RULES.update({
     "reduce_window_max": _reduce_window,
     "reduce_window_min": _reduce_window,
     "optimization_barrier": _passthrough,
+    "device_put": _passthrough,
     "debug_callback": lambda t, eqn, scope, sub: None,  # prints; couples nothing
 })
+TRACE_RULES.update(indexing.TRACE_INDEXING)
+# jax 0.12 "hijax" primitives (``jnp.searchsorted``, ...) wrap an arbitrary
+# high-level op: they are black boxes, coupled only along axes where slicing
+# commutes with them exactly (the equivariance check).
+TRACE_RULES["call_hi_primitive"] = lambda t, eqn, scope, sub: equivariance.couple(t, eqn, scope)
 TRACE_RULES.update(control.TRACE_CONTROL)
+TRACE_RULES.update(collectives.TRACE_COLLECTIVES)

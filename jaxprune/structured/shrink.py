@@ -5,7 +5,11 @@ equation with ``primitive.bind`` on the smaller arrays. Only the parameters
 that name sizes along pruned axes are rewritten (``reshape`` sizes,
 ``broadcast_in_dim`` shapes, ``slice`` bounds, ``split`` sizes, ``gather`` /
 ``dynamic_slice`` slice sizes, grouped-conv ``feature_group_count``); ``iota``
-values along a pruned axis are the kept indices. This works for any JAX
+values along a pruned axis are the kept indices; constant gather positions into a
+pruned axis are renumbered to the kept channels; random bits are drawn at the
+reduced shape (``random_bits="reduced"``, equal in distribution to the masked
+model's draw) or drawn at the full shape and cut (``"exact"``, the masked model's
+very bits); ``shard_map`` bodies are re-emitted shrunk. This works for any JAX
 function, including Flax modules that hard-code their widths (Li et al. 2017;
 Fang et al. 2023).
 
@@ -25,11 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune.structured import control
-from jaxprune.structured import masked
+from jaxprune.structured import collectives, control, equivariance, masked
 from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
-__all__ = ["Shrinker", "SHRINK_RULES"]
+__all__ = ["Shrinker", "SHRINK_RULES", "RANDOM_BITS"]
+
+#: How random bits are drawn in a shrunk forward: at the reduced shapes (equal in
+#: distribution, faster) or at full size and then cut (bit-identical to the masked model).
+RANDOM_BITS = ("reduced", "exact")
 
 
 def _is_lit(v: Any) -> bool:
@@ -40,13 +47,14 @@ class Shrinker:
     """Evaluates the analysed jaxpr with every pruned axis cut to its kept indices."""
 
     def __init__(self, analysis: Any, keep: dict[int, np.ndarray], semantics: str = "masked",
-                 constants: dict | None = None) -> None:
+                 constants: dict | None = None, random_bits: str = "reduced") -> None:
         self.a = analysis
         self.t = analysis.tracer
         self.keep = keep
         self.semantics = semantics
         # native: (scope, equation index, operand index) -> the reduced-width constant
         self.constants = constants or {}
+        self.random_bits = check_random_bits(random_bits)
         self._kept_cache: dict[int, np.ndarray] = {}
         self.counts: dict[tuple, tuple[int, int]] = {}
         self.R = masked.Regions(self.t.uf, keep)
@@ -129,6 +137,12 @@ class Shrinker:
         return lambda *args: self.eval(sub.jaxpr, sub.consts, args, scope)
 
 
+def check_random_bits(random_bits: str) -> str:
+    if random_bits not in RANDOM_BITS:
+        raise ValueError(f"random_bits must be one of {RANDOM_BITS}, got {random_bits!r}")
+    return random_bits
+
+
 def _default(s: Shrinker, eqn: Any, invals: list, scope: tuple, sub: tuple) -> Any:
     return eqn.primitive.bind(*invals, **eqn.params)
 
@@ -150,6 +164,20 @@ def _full_then_cut(s, eqn, invals, scope, sub):
     """``iota`` / ``random_bits``: computed at the full shape, then cut to the kept indices."""
     full = eqn.primitive.bind(*invals, **eqn.params)
     return s.cut(full, eqn.outvars[0], scope)
+
+
+def _random_bits(s, eqn, invals, scope, sub):
+    """Bits for the kept entries only: drawn at the reduced shape (the same
+    distribution as the masked model's cut draw) unless ``random_bits="exact"``."""
+    new = s.new_shape(eqn.outvars[0], scope)
+    if s.random_bits == "exact" or new == s.old_shape(eqn.outvars[0]):
+        return _full_then_cut(s, eqn, invals, scope, sub)
+    return eqn.primitive.bind(*invals, **{**eqn.params, "shape": new})
+
+
+def _rebind(s, eqn, invals, scope, sub):
+    """A high-level primitive that stores its traced shapes: its lowering."""
+    return equivariance.rebind(eqn, invals)
 
 
 def _slice(s, eqn, invals, scope, sub):
@@ -178,7 +206,17 @@ def _gather(s, eqn, invals, scope, sub):
     x = eqn.invars[0]
     old, new = s.old_shape(x), s.new_shape(x, scope)
     sizes = tuple(n if sz == o else sz for sz, o, n in zip(eqn.params["slice_sizes"], old, new))
-    return eqn.primitive.bind(*invals, **{**eqn.params, "slice_sizes": sizes})
+    idx = invals[1]
+    # A pruned operand axis read at constant positions (a ``take`` structure):
+    # every position still read is a kept channel; renumber it among the kept.
+    for k, d in enumerate(eqn.params["dimension_numbers"].start_index_map):
+        kept = s.kept(s.t.axes(x, scope)[d])
+        if len(kept) != old[d]:
+            table = np.zeros(old[d], np.int64)
+            table[kept] = np.arange(len(kept))
+            col = jnp.take(jnp.asarray(table, idx.dtype), idx[..., k])
+            idx = idx.at[..., k].set(col)
+    return eqn.primitive.bind(invals[0], idx, *invals[2:], **{**eqn.params, "slice_sizes": sizes})
 
 
 def _conv(s, eqn, invals, scope, sub):
@@ -197,10 +235,12 @@ SHRINK_RULES: dict[str, Callable] = {
     "broadcast_in_dim": _with(shape=_out_shape),
     "dynamic_slice": _with(slice_sizes=_out_shape),
     "iota": _full_then_cut,
-    "random_bits": _full_then_cut,
+    "random_bits": _random_bits,
+    "call_hi_primitive": _rebind,
     "slice": _slice,
     "split": _split,
     "gather": _gather,
     "conv_general_dilated": _conv,
 }
 SHRINK_RULES.update(control.SHRINK_CONTROL)
+SHRINK_RULES.update(collectives.SHRINK_COLLECTIVES)
