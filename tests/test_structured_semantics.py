@@ -242,12 +242,14 @@ def test_native_plain_function_is_traced_again_at_the_reduced_widths():
 
 
 # ---------------------------------------------------------------- masked: refuse what it cannot carry
-def test_masked_refuses_argmax_over_a_pruned_axis():
-    w = {"a": jnp.ones((5, 8)), "b": jnp.ones((8, 3))}
-    f = lambda v, x: (jnp.tanh(x @ v["a"]) @ v["b"]) * jnp.argmax(x @ v["a"], -1)[:, None]
-    small, fn = st.shrink(f, w, st.plan_for(f, w, X))
-    with pytest.raises(st.StructuredPruningError, match="argmax"):
-        fn(small, X)
+def test_argmax_over_a_channel_axis_never_returns_positions_among_kept_channels():
+    w = noisy({"a": jnp.ones((5, 8)), "b": jnp.ones((8, 3)), "c": jnp.ones((5, 6)),
+               "d": jnp.ones((6, 3))})
+    f = lambda v, x: (jnp.tanh(x @ v["a"]) @ v["b"]) * jnp.argmax(x @ v["a"], -1)[:, None] \
+        + jnp.tanh(x @ v["c"]) @ v["d"]
+    r = st.prune_function(f, w, X, sparsity=0.5)
+    assert [g.members[0] for g in r.groups] == [("c", 1)]  # the argmax axis stays whole
+    close(r.apply(r.variables, X), f(st.zero_removed(w, r.plan), X))
 
 
 def test_masked_refuses_random_values_that_reach_a_sum_over_removed_channels():

@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxprune.structured.trace import StructuredPruningError
 
-__all__ = ["Val", "Block", "UNKNOWN", "ZERO", "Regions", "View", "split_full", "wrap_input"]
+__all__ = ["Val", "Block", "UNKNOWN", "ZERO", "Regions", "View", "split_full", "wrap_input",
+           "varying_like"]
 
 class _Unknown:
     def __repr__(self) -> str:
@@ -42,27 +43,31 @@ class Block(NamedTuple):
 @jax.tree_util.register_pytree_node_class
 class Val:
     """A value of the masked dense model: the kept array and the removed blocks
-    (``{frozenset(atoms): Block}``; an absent key is a zero block)."""
+    (``{frozenset(atoms): Block}``; an absent key is a zero block). ``const``
+    is its value when it is one constant everywhere (a literal, a broadcast
+    literal), else None."""
 
-    __slots__ = ("main", "blocks")
+    __slots__ = ("main", "blocks", "const")
 
-    def __init__(self, main: Any, blocks: dict | None = None) -> None:
+    def __init__(self, main: Any, blocks: dict | None = None, const: Any = None) -> None:
         self.main = main
         self.blocks = blocks or {}
+        self.const = const
 
     def tree_flatten(self):
         keys = sorted(self.blocks, key=lambda k: tuple(sorted(k)))
         arrays = [self.main] + [self.blocks[k].value for k in keys
                                 if self.blocks[k].value is not UNKNOWN]
         aux = tuple((k, self.blocks[k].modes, self.blocks[k].value is UNKNOWN) for k in keys)
-        return arrays, aux
+        return arrays, (aux, self.const)
 
     @classmethod
     def tree_unflatten(cls, aux, arrays):
+        aux, const = aux
         it = iter(arrays)
         main = next(it)
         blocks = {k: Block(m, UNKNOWN if unk else next(it)) for k, m, unk in aux}
-        return cls(main, blocks)
+        return cls(main, blocks, const)
 
     def structure(self) -> tuple:
         return tuple(sorted((tuple(sorted(k)), b.modes, b.value is UNKNOWN)
@@ -272,7 +277,21 @@ def restrict(modes: dict, atoms: frozenset) -> tuple:
 
 
 def zeros_block(s: Any, var: Any, scope: tuple, modes: dict) -> Any:
-    return jnp.zeros(block_shape(s, var, scope, modes), var.aval.dtype)
+    return varying_like(jnp.zeros(block_shape(s, var, scope, modes), var.aval.dtype), var)
+
+
+def varying_like(x: Any, var: Any) -> Any:
+    """``x`` (a constant made here) varying over the same manual mesh axes as
+    ``var`` inside a ``shard_map`` body, so that ops may mix them."""
+    want = _varying(var.aval)
+    missing = want - _varying(jax.typeof(x))
+    if missing and hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
+    return x
+
+
+def _varying(aval: Any) -> frozenset:
+    return frozenset(getattr(getattr(aval, "manual_axis_type", None), "varying", None) or ())
 
 
 def is_zero_literal(var: Any) -> bool:

@@ -39,7 +39,8 @@ from jaxprune.structured import jaxpr_params as jp
 from jaxprune.structured.blocks import (UNKNOWN, ZERO, Block, Regions, Val, View, atom_set,
                                         bind_rule, block_of, block_shape, coerce, is_lit,
                                         is_zero_literal, listify, masked_error, modes_for,
-                                        restrict, split_full, subsets, wrap_input, zeros_block)
+                                        restrict, split_full, subsets, varying_like, wrap_input,
+                                        zeros_block)
 from jaxprune.structured.masked_rules import GHOST_RULES
 
 __all__ = ["Val", "Block", "UNKNOWN", "Regions", "eval_jaxpr", "wrap_input", "split_full",
@@ -65,11 +66,12 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
     from jaxprune.structured.rules import ELEMENTWISE, TRACE_RULES
     name = eqn.primitive.name
     outs = listify(eqn, bind_rule(s, eqn)(s, eqn, [v.main for v in invals], scope, sub))
+    const = _const_out(eqn, invals) if len(outs) == 1 else None
     in_sets = [atom_set(s, v, scope) for v in eqn.invars]
     out_sets = [atom_set(s, v, scope) for v in eqn.outvars]
     all_in, all_out = frozenset().union(*in_sets), frozenset().union(*out_sets)
     if not all_in and not all_out:
-        return [Val(o) for o in outs]
+        return [Val(o, const=const) for o in outs]
     elementwise = name in ELEMENTWISE
     # A primitive without a coupling rule was coupled by the equivariance check:
     # it acts on each kept index alone, so it acts on each block alone too.
@@ -80,9 +82,9 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
         raise masked_error(eqn, "drops a pruned axis")
     has_blocks = any(v.blocks for v in invals)
     if not has_blocks and not (all_out - all_in) and name in ZERO_PRESERVING:
-        return [Val(o) for o in outs]
+        return [Val(o, const=const) for o in outs]
     if name == "pad" and not has_blocks and is_zero_literal(eqn.invars[1]):
-        return [Val(o) for o in outs]
+        return [Val(o, const=const) for o in outs]
     results: list[dict] = [{} for _ in outs]
     for S in subsets(all_out):
         targets = [j for j, oa in enumerate(out_sets) if S <= oa]
@@ -94,8 +96,8 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
         modes = modes_for(S, invals)
         got = [block_of(s, v, var, scope, modes) for v, var in zip(invals, eqn.invars)]
         blocked = [i for i, (var, a) in enumerate(zip(eqn.invars, in_sets)) if S & a]
-        zero = [g is ZERO or (i not in blocked and is_zero_literal(eqn.invars[i]))
-                for i, g in enumerate(got)]
+        zero = [g is ZERO or (i not in blocked and invals[i].const is not None
+                              and np.all(invals[i].const == 0)) for i, g in enumerate(got)]
         if _annihilated(name, zero, got):
             continue
         considered = blocked or list(range(len(got)))  # a broadcast reads only the main
@@ -103,13 +105,14 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
             if name in ZERO_PRESERVING:
                 continue
             if elementwise:
-                c = _const_of_zeros(eqn, got)
+                c = _const_of_zeros(eqn, got, invals)
                 if c is not None:
                     if np.all(c == 0):
                         continue
                     for j in targets:
                         o = eqn.outvars[j]
-                        val = jnp.broadcast_to(jnp.asarray(c, o.aval.dtype), block_shape(s, o, scope, modes))
+                        val = varying_like(jnp.broadcast_to(jnp.asarray(c, o.aval.dtype),
+                                                            block_shape(s, o, scope, modes)), o)
                         results[j][S] = Block(restrict(modes, out_sets[j]), val)
                     continue
         if any(g is UNKNOWN for g in got):
@@ -122,7 +125,7 @@ def _generic(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
         for j in targets:
             if all(res[j].shape):
                 results[j][S] = Block(restrict(modes, out_sets[j]), res[j])
-    return [Val(o, r) for o, r in zip(outs, results)]
+    return [Val(o, r, const) for o, r in zip(outs, results)]
 
 
 def _annihilated(name: str, zero: list, got: list) -> bool:
@@ -136,17 +139,40 @@ def _annihilated(name: str, zero: list, got: list) -> bool:
 _CONST_CACHE: dict = {}
 
 
-def _const_of_zeros(eqn: Any, got: list) -> Any:
-    """f(0, ..., literals): the value an element-wise op gives where every
-    non-scalar operand is zero (None if a scalar operand is not a constant)."""
+def _const_of_zeros(eqn: Any, got: list, invals: list) -> Any:
+    """f(0, ..., constants): the value an element-wise op gives where every
+    non-scalar operand is zero (None if another operand is not a constant)."""
     args = []
-    for var, g in zip(eqn.invars, got):
+    for var, g, v in zip(eqn.invars, got, invals):
         if g is ZERO:
             args.append(np.zeros((), var.aval.dtype))
-        elif is_lit(var):
-            args.append(np.asarray(var.val, var.aval.dtype))
+        elif v.const is not None:
+            args.append(np.asarray(v.const, var.aval.dtype))
         else:
             return None
+    return _fold(eqn, args)
+
+
+# Ops that pass a constant value through unchanged (the value is uniform).
+_CONST_PASS = frozenset("""broadcast_in_dim reshape squeeze expand_dims transpose pvary copy
+copy_p sharding_constraint mesh_cast""".split())
+
+
+def _const_out(eqn: Any, invals: list) -> Any:
+    """The constant an op returns when its operands are constants, else None."""
+    from jaxprune.structured.rules import ELEMENTWISE
+    name = eqn.primitive.name
+    if name in _CONST_PASS and invals and invals[0].const is not None:
+        return invals[0].const
+    if name in ELEMENTWISE and not eqn.primitive.multiple_results and invals \
+            and all(v.const is not None for v in invals):
+        out = _fold(eqn, [np.asarray(v.const, var.aval.dtype) for v, var in zip(invals, eqn.invars)])
+        return out.item() if out.ndim == 0 else None
+    return None
+
+
+def _fold(eqn: Any, args: list) -> np.ndarray:
+    """``eqn``'s primitive on concrete scalars (cached)."""
     key = (eqn.primitive.name, tuple(sorted((k, str(v)) for k, v in eqn.params.items())),
            tuple((a.dtype.str, a.tobytes()) for a in args))
     if key not in _CONST_CACHE:
@@ -195,7 +221,9 @@ def eval_jaxpr(s: Any, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], s
     env: dict = {}
 
     def read(v):
-        return Val(v.val) if is_lit(v) else env[v]
+        if is_lit(v):
+            return Val(v.val, const=np.asarray(v.val).item() if np.ndim(v.val) == 0 else None)
+        return env[v]
 
     for v, c in zip(jaxpr.constvars, consts):
         env[v] = split_full(s, c, v, scope, concrete=not isinstance(c, jax.core.Tracer))

@@ -86,7 +86,8 @@ def _reduce(s: Any, eqn: Any, invals: list, scope: tuple, sub: tuple) -> list:
             if any((S | T) not in x.blocks for T in subsets(red)):
                 if S in acc or not S:
                     modes = acc[S][0] if S in acc else {}
-                    add(S, modes, jnp.zeros(block_shape(s, out_var, scope, modes), out_var.aval.dtype))
+                    # a scalar zero broadcasts (and stays valid inside shard_map bodies)
+                    add(S, modes, np.zeros((), out_var.aval.dtype))
     main_part = acc.pop(frozenset(), None)
     if main_part is not None:
         main = combine(main, main_part[1])
@@ -191,6 +192,7 @@ def _shard_map(s, eqn, invals, scope, sub):
     inner = s.sub_eval
 
     def zero_blocks(sub_, scope_):
+        s.sub_eval = inner  # only the body itself: calls inside it carry blocks as usual
         body = inner(sub_, scope_)
 
         def run(*args):
