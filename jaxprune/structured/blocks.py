@@ -192,7 +192,6 @@ class View:
 
     def __init__(self, s: Any, modes: dict) -> None:
         self.s, self.t, self.a, self.modes = s, s.t, s.a, modes
-        self.counts: dict = {}
 
     def kept(self, node: int) -> np.ndarray:
         return self.s.R.region(node, self.modes)

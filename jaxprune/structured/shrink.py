@@ -56,7 +56,6 @@ class Shrinker:
         self.constants = constants or {}
         self.random_bits = check_random_bits(random_bits)
         self._kept_cache: dict[int, np.ndarray] = {}
-        self.counts: dict[tuple, tuple[int, int]] = {}
         self.R = masked.Regions(self.t.uf, keep)
 
     def rule(self, name: str) -> Callable:
