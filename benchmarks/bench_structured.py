@@ -1,6 +1,6 @@
 """Latency of shrunk models vs dense, masked-dense and built-from-scratch models.
 
-Run:  python benchmarks/bench_structured.py [--quick]
+Run:  python benchmarks/bench_structured.py [--quick] [--only mlp|cnn|lm|vit]
 
 For an MLP and a small CNN (Flax Linen, hard-coded widths) at about 2x and 4x
 fewer FLOPs, prints the jitted forward latency (best of repeated, interleaved runs) of:
@@ -10,6 +10,13 @@ fewer FLOPs, prints the jitted forward latency (best of repeated, interleaved ru
   shrunk     jaxprune.structured.prune_channels(...).apply
 and FLOPs from XLA's cost analysis. Targets: shrunk speedup over dense >=
 0.9 x the FLOPs reduction, and shrunk within 5% of scratch.
+
+For a pre-LN decoder-only transformer LM and a ViT (LayerNorm over the pruned
+residual width, heads, head_dim and MLP width all pruned) at about 2x and 4x
+fewer FLOPs, prints the eval forward and a train step (loss, gradients, SGD
+update) of the shrunk model under both semantics (``masked``, the default,
+which also carries the removed channels' share of every LayerNorm statistic;
+``native``) against the same class built at the reduced widths from scratch.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import structured as st
@@ -121,6 +129,101 @@ def bench(name, module_cls, base_widths, x, target, reps, round_to):
     return ok
 
 
+class Block(nn.Module):
+    heads: int
+    qkv: int
+    mlp: int
+    causal: bool
+
+    @nn.compact
+    def __call__(self, x):
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2])) if self.causal else None
+        y = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.qkv)(
+            nn.LayerNorm()(x), mask=mask)
+        x = x + y
+        return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.mlp)(nn.LayerNorm()(x))))
+
+
+class LM(nn.Module):
+    """Pre-LN decoder-only LM (flax examples/lm1b style): learned positions, tied embeddings."""
+    widths: tuple = (256, 8, 32, 1024)  # residual, heads, head_dim, mlp
+    vocab: int = 2048
+    layers: int = 4
+
+    @nn.compact
+    def __call__(self, ids):
+        d, heads, hd, mlp = self.widths
+        embed = nn.Embed(self.vocab, d)
+        x = embed(ids) + self.param("pos", nn.initializers.normal(0.02), (1, ids.shape[1], d))
+        for _ in range(self.layers):
+            x = Block(heads, heads * hd, mlp, True)(x)
+        return embed.attend(nn.LayerNorm()(x))
+
+
+class ViT(nn.Module):
+    """ViT with global average pooling (google-research/vision_transformer style)."""
+    widths: tuple = (192, 6, 32, 768)
+    layers: int = 4
+
+    @nn.compact
+    def __call__(self, img):
+        d, heads, hd, mlp = self.widths
+        x = nn.Conv(d, (4, 4), strides=(4, 4))(img)
+        x = x.reshape(x.shape[0], -1, d)
+        x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], d))
+        for _ in range(self.layers):
+            x = Block(heads, heads * hd, mlp, False)(x)
+        return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+
+
+def _transformer_widths(base: tuple, s: float) -> tuple:
+    # sparsity s removes round(s * n) of every dimension (residual, heads, head_dim, mlp)
+    return tuple(n - int(round(s * n)) for n in base)
+
+
+def train_step(apply):
+    """One SGD step of a mean-squared loss on the outputs: gradients and update."""
+    def step(v, x):
+        loss, g = jax.value_and_grad(lambda v: jnp.mean(apply(v, x) ** 2))(v)
+        return jax.tree.map(lambda a, b: a - 1e-3 * b, v, g), loss
+    return step
+
+
+def bench_transformer(name, module_cls, base, x, target, reps):
+    model = module_cls(base)
+    v = model.init(jax.random.key(0), x)
+    f_dense = flops(model.apply, v, x)
+    best = None
+    for s in np.arange(0.0, 0.8, 0.01):
+        w = _transformer_widths(base, s)
+        m = module_cls(w)
+        f = f_dense / flops(m.apply, jax.eval_shape(m.init, jax.random.key(0), x), x)
+        if best is None or abs(np.log(f / target)) < best[0] - 1e-9:
+            best = (abs(np.log(f / target)), float(s), w)
+    _, s, widths = best
+    results = {sem: st.prune_channels(model, v, x, sparsity=s, semantics=sem)
+               for sem in ("masked", "native")}
+    scratch = module_cls(widths)
+    sv = results["masked"].variables  # the class at the reduced widths takes the sliced variables
+    assert jax.tree.map(np.shape, jax.eval_shape(scratch.init, jax.random.key(0), x)) == \
+        jax.tree.map(np.shape, sv), "scratch widths differ from the plan"
+    f_small = flops(results["masked"].apply, sv, x)
+    calls = {"scratch": (scratch.apply, (sv, x))}
+    calls.update({sem: (r.apply, (r.variables, x)) for sem, r in results.items()})
+    t_eval = latencies({"dense": (model.apply, (v, x)), **calls}, reps)
+    t_train = latencies({"dense": (train_step(model.apply), (v, x)),
+                         **{k: (train_step(fn), args) for k, (fn, args) in calls.items()}}, reps)
+    print(f"{name:4s} s={s:.2f} widths {base}->{widths} | FLOPs x{f_dense / f_small:.2f} fewer")
+    for label, t in (("eval", t_eval), ("train", t_train)):
+        print(f"     {label:5s} ms dense {1e3 * t['dense']:.2f} scratch {1e3 * t['scratch']:.2f} "
+              f"masked {1e3 * t['masked']:.2f} native {1e3 * t['native']:.2f} | speedup over dense: "
+              f"scratch x{t['dense'] / t['scratch']:.2f} masked x{t['dense'] / t['masked']:.2f} "
+              f"native x{t['dense'] / t['native']:.2f} | vs scratch: masked "
+              f"{100 * (t['masked'] / t['scratch'] - 1):+.1f}% native "
+              f"{100 * (t['native'] / t['scratch'] - 1):+.1f}%")
+    return t_eval["native"] <= 1.05 * t_eval["scratch"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -131,7 +234,7 @@ def main() -> None:
     parser.add_argument("--cnn-widths", type=int, nargs=3, default=(64, 128, 128),
                         help="CNN channel widths (XLA:CPU conv speed is not proportional to "
                              "FLOPs at every width; the from-scratch column shows it)")
-    parser.add_argument("--only", choices=("mlp", "cnn"), default=None)
+    parser.add_argument("--only", choices=("mlp", "cnn", "lm", "vit"), default=None)
     args = parser.parse_args()
     reps = 10 if args.quick else 50
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, best of {reps} reps, "
@@ -148,6 +251,13 @@ def main() -> None:
         if args.only in (None, "cnn"):
             results.append(bench("cnn", CNN, tuple(args.cnn_widths), x_img, target, reps,
                                  args.cnn_round_to))
+    ids = jax.random.randint(jax.random.key(4), (8, 128), 0, 2048)
+    img = jax.random.normal(jax.random.key(5), (16, 32, 32, 3))
+    for target in (2.0, 4.0):
+        if args.only in (None, "lm"):
+            results.append(bench_transformer("lm", LM, (256, 8, 32, 1024), ids, target, reps))
+        if args.only in (None, "vit"):
+            results.append(bench_transformer("vit", ViT, (192, 6, 32, 768), img, target, reps))
     print(f"{sum(results)}/{len(results)} configurations meet both targets")
 
 

@@ -121,8 +121,6 @@ def test_random_functions_shrink_exactly_or_refuse_naming_a_primitive(kinds, see
     check(kinds, seed)
 
 
-@pytest.mark.xfail(strict=True, reason="reductions over a pruned axis give the masked dense model "
-                   "only with issue 9 item 3 (masked semantics); remove this mark once it is merged")
 @settings(deadline=None, max_examples=6, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(before=hst.lists(hst.sampled_from(sorted(VOCAB)), max_size=2),
        norm=hst.sampled_from(sorted(NORMS)), seed=hst.integers(0, 1000))

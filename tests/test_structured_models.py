@@ -190,8 +190,9 @@ def test_depthwise_and_grouped_conv_linen_shrunk_equals_masked():
     r = check_linen(GroupedCNN(), v, IMG)
     k = r.variables["params"]
     assert k["Conv_1"]["kernel"].shape == (3, 3, 1, 4)
-    # 4 groups x 4 inputs x 4 outputs: half the groups and half of each part survive.
-    assert k["Conv_3"]["kernel"].shape == (3, 3, 2, 4)
+    # 4 groups x 4 inputs x 4 outputs: every dimension keeps half (inputs per
+    # group 4 -> 2 fixes Conv_2's 16 = 4 x 4 at 8; Conv_3's outputs lose 2 per group).
+    assert k["Conv_3"]["kernel"].shape == (3, 3, 2, 8)
 
 
 # ---------------------------------------------------------------- transformer block
@@ -271,8 +272,11 @@ def test_grouped_query_attention_prunes_whole_kv_groups():
     assert len(kv) == 1 and ("params/Dense_0/kernel", 1) in kv[0].members
     r = check_linen(GQA(), v, SEQ)
     p = r.variables["params"]
-    assert p["Dense_1"]["kernel"].shape == (16, 2)  # 1 kv group x 2 dims
-    assert p["Dense_0"]["kernel"].shape == (16, 2)  # 1 group x 1 rep x 2 dims
+    # sparsity 0.5 removes half the query heads (4 -> 2), as whole kv groups
+    # (2 -> 1, each with its 2 queries); head_dim, an inner factor, stays.
+    assert p["Dense_1"]["kernel"].shape == (16, 4)  # 1 kv group x 4 dims
+    assert p["Dense_0"]["kernel"].shape == (16, 8)  # 1 group x 2 rep x 4 dims
+    assert "params/Dense_0/kernel axis 1: 16 -> 8 (-50%)" in st.describe(r.plan)
 
 
 # ---------------------------------------------------------------- tied embeddings
@@ -297,9 +301,9 @@ def test_tied_embedding_width_prunes_against_reduced_reference():
     found = st.groups(TiedLM().apply, v, IDS)
     width = next(g for g in found if ("params/Embed_0/embedding", 1) in g.members)
     assert ("params/LayerNorm_0/scale", 0) in width.members
-    r = st.prune_channels(TiedLM(), v, IDS, sparsity=0.5)
+    r = st.prune_channels(TiedLM(), v, IDS, sparsity=0.5, semantics="native")
     assert r.variables["params"]["Embed_0"]["embedding"].shape == (20, 8)
-    # LayerNorm runs over the pruned width: compare with the model built at width 8.
+    # LayerNorm runs over the pruned width: natively, the model built at width 8.
     ref = TiedLM(dim=8, hidden=12).apply(r.variables, IDS)
     np.testing.assert_allclose(r.apply(r.variables, IDS), ref, **TOL)
     np.testing.assert_allclose(r.module.apply(r.variables, IDS), ref, **TOL)
@@ -363,9 +367,10 @@ class NnxGrouped(nnx.Module):
 
 def test_depthwise_and_grouped_conv_nnx_shrunk_equals_masked():
     r = check_nnx(NnxGrouped(nnx.Rngs(0)), IMG)
-    # dw's 8 channels feed gc's 4 groups x 2: halving both atoms leaves 2 x 1.
-    assert r.variables["dw"]["kernel"].shape == (3, 3, 1, 2)
-    assert r.variables["gc"]["kernel"].shape == (3, 3, 1, 4)
+    # dw's 8 channels feed gc's 4 groups x 2 inputs: each dimension keeps half
+    # (2 inputs per group -> 1 fixes dw at 4; gc's 16 outputs = 4 groups x 2 of 4).
+    assert r.variables["dw"]["kernel"].shape == (3, 3, 1, 4)
+    assert r.variables["gc"]["kernel"].shape == (3, 3, 1, 8)
 
 
 class NnxTied(nnx.Module):
@@ -470,8 +475,8 @@ def test_vit_residual_width_matches_a_model_built_at_the_reduced_width():
     width = next(g for g in found if ("params/cls", 2) in g.members)
     assert {("params/pos", 2), ("params/Conv_0/kernel", 3), ("params/LayerNorm_0/scale", 0)} \
         <= set(width.members)
-    # Only the residual width: the reference is TinyViT(d=8) with the kept slices.
-    r = st.prune_channels(TinyViT(), v, img, sparsity=0.5,
+    # Only the residual width: the native reference is TinyViT(d=8) with the kept slices.
+    r = st.prune_channels(TinyViT(), v, img, sparsity=0.5, semantics="native",
                           ignore=lambda g: g.members != width.members)
     assert r.variables["params"]["pos"].shape == (1, 5, 8)
     np.testing.assert_allclose(r.apply(r.variables, img),
@@ -527,9 +532,10 @@ def test_group_norm_splits_channels_into_groups_and_matches_reduced_reference():
     v = GroupNormNet().init(jax.random.key(0), IMG)
     found = st.groups(GroupNormNet().apply, v, IMG)
     assert [g.size for g in found] == [4, 4]  # norm groups x channels per group
-    r = st.prune_channels(GroupNormNet(), v, IMG, sparsity=0.5)
-    assert r.variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4)
-    ref = GroupNormNet(width=4, groups=2).apply(r.variables, IMG)
+    r = st.prune_channels(GroupNormNet(), v, IMG, sparsity=0.5, semantics="native")
+    # Half the channels go, as whole norm groups (not half the groups x half of each).
+    assert r.variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 8)
+    ref = GroupNormNet(width=8, groups=2).apply(r.variables, IMG)
     np.testing.assert_allclose(r.apply(r.variables, IMG), ref, **TOL)
 
 

@@ -23,21 +23,34 @@ PyTree = Any
 Plan = dict
 
 __all__ = ["make_plan", "check_plan", "plan_groups", "kept_positions", "slice_variables",
-           "zero_removed", "group_masks", "describe", "FORMAT"]
+           "zero_removed", "group_masks", "describe", "FORMAT", "SEMANTICS", "semantics_of"]
 
 #: Version tag stored in every plan; ``check_plan`` refuses other formats.
 FORMAT = "jaxprune.structured.plan/1"
+#: What a reduction over a pruned axis computes in the shrunk model (see ``shrink``).
+SEMANTICS = ("masked", "native")
+
+
+def semantics_of(plan: dict, semantics: Optional[str] = None) -> str:
+    """``semantics`` if given, else the plan's, else ``"masked"``; checked."""
+    got = semantics if semantics is not None else plan.get("semantics", "masked")
+    if got not in SEMANTICS:
+        raise ValueError(f"semantics={got!r}; expected one of {SEMANTICS}")
+    return got
 
 
 def _shape(x: Any) -> tuple:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
-def make_plan(variables: PyTree, groups: Sequence[Group], kept: Sequence[Sequence[int]]) -> Plan:
-    """Builds the JSON-serialisable plan ``{format, leaves, groups}``.
+def make_plan(variables: PyTree, groups: Sequence[Group], kept: Sequence[Sequence[int]],
+              semantics: str = "masked") -> Plan:
+    """Builds the JSON-serialisable plan ``{format, semantics, leaves, groups}``.
 
     One entry per group (DepGraph groups, Fang et al. 2023) with its members,
     size, kept indices and, where a member axis is merged, its layout.
+    ``semantics`` (``"masked"`` or ``"native"``) is what the shrunk model
+    computes over a pruned axis (see ``jaxprune.structured.shrink``).
 
     >>> from jaxprune.structured.groups import Group
     >>> import numpy as np
@@ -55,7 +68,8 @@ def make_plan(variables: PyTree, groups: Sequence[Group], kept: Sequence[Sequenc
         entry["keep"] = [int(i) for i in k]
         out.append(entry)
     leaves = {p: [int(n) for n in _shape(x)] for p, x in jtree.leaves_with_paths(variables)}
-    return {"format": FORMAT, "leaves": leaves, "groups": out}
+    return {"format": FORMAT, "semantics": semantics_of({}, semantics), "leaves": leaves,
+            "groups": out}
 
 
 def plan_groups(plan: Plan) -> list[Group]:
@@ -77,6 +91,9 @@ def check_plan(plan: Plan, variables: PyTree, groups: Optional[Sequence[Group]] 
     """
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise StructuredPruningError(f"not a jaxprune structured plan (expected format {FORMAT!r})")
+    if plan.get("semantics", "masked") not in SEMANTICS:
+        raise StructuredPruningError(
+            f"plan semantics {plan.get('semantics')!r} is not one of {SEMANTICS}")
     have = {p: list(_shape(x)) for p, x in jtree.leaves_with_paths(variables)}
     want = plan["leaves"]
     for p in list(want) + list(have):
@@ -108,7 +125,7 @@ def check_plan(plan: Plan, variables: PyTree, groups: Optional[Sequence[Group]] 
             f"plan was made for another model: its group of '{extra[0]}' is not coupled here")
     for e in pg:
         keep = e["keep"]
-        if not keep or min(keep) < 0 or max(keep) >= e["size"] or sorted(set(keep)) != list(keep):
+        if keep and (min(keep) < 0 or max(keep) >= e["size"]) or sorted(set(keep)) != list(keep):
             raise StructuredPruningError(
                 f"plan keeps invalid indices for the group of '{e['members'][0][0]}'")
 
@@ -139,6 +156,15 @@ def _map_leaves(variables: PyTree, fn) -> PyTree:
     return jax.tree.unflatten(treedef, [fn(jtree.path_str(p), x) for p, x in flat])
 
 
+def _on_host(x: Any) -> Any:
+    """A concrete one-device array as NumPy (no kernel compiled per shape)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
+            and len(x.sharding.device_set) == 1 and x.dtype != jax.dtypes.float0 \
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(x)
+    return x
+
+
 def slice_variables(variables: PyTree, plan: Plan) -> PyTree:
     """The smaller variables: every pruned axis cut to its kept indices.
 
@@ -148,10 +174,14 @@ def slice_variables(variables: PyTree, plan: Plan) -> PyTree:
     pos = kept_positions(plan)
 
     def cut(path, x):
-        for (p, axis), idx in pos.items():
-            if p == path:
-                x = jnp.take(x, jnp.asarray(idx), axis=axis)
-        return x
+        mine = [(axis, idx) for (p, axis), idx in pos.items() if p == path]
+        if not mine:
+            return x
+        host = _on_host(x)
+        for axis, idx in mine:
+            host = np.take(host, idx, axis=axis) if isinstance(host, np.ndarray) \
+                else jnp.take(host, jnp.asarray(idx), axis=axis)
+        return jax.device_put(host) if isinstance(host, np.ndarray) else host
     return _map_leaves(variables, cut)
 
 
@@ -200,24 +230,35 @@ def zero_removed(variables: PyTree, plan: Plan) -> PyTree:
     pos = kept_positions(plan)
 
     def zero(path, x):
-        for (p, axis), idx in pos.items():
-            if p == path:
-                x = jnp.where(jnp.asarray(_kept_along(x, axis, idx)), x, jnp.zeros_like(x))
-        return x
+        mine = [(axis, idx) for (p, axis), idx in pos.items() if p == path]
+        if not mine:
+            return x
+        host = _on_host(x)
+        for axis, idx in mine:
+            if isinstance(host, np.ndarray):
+                host = np.where(_kept_along(host, axis, idx), host, np.zeros_like(host))
+            else:
+                host = jnp.where(jnp.asarray(_kept_along(host, axis, idx)), host,
+                                 jnp.zeros_like(host))
+        return jax.device_put(host) if isinstance(host, np.ndarray) else host
     return _map_leaves(variables, zero)
 
 
 
 def describe(plan: Plan) -> str:
-    """A readable table of a plan: each group's width before -> after, and the
-    parameter count of the variables before -> after (as Torch-Pruning prints
-    its groups; DepGraph, Fang et al. 2023).
+    """A readable table of a plan: each group's width before -> after, what
+    every pruned leaf axis loses (an axis that is a product of groups, such as
+    grouped-query heads or GroupNorm channels, shows its factors), the
+    semantics and the parameter count before -> after (as Torch-Pruning
+    prints its groups; DepGraph, Fang et al. 2023).
 
     >>> import numpy as np
     >>> from jaxprune.structured.groups import Group
     >>> p = make_plan({"w": np.ones((2, 4))}, [Group([("w", 1)], 4, [(0, 1, 2, 3)])], [[1, 3]])
     >>> print(describe(p))
     group 0: 4 -> 2  w axis 1
+    w axis 1: 4 -> 2 (-50%)
+    semantics: masked
     variables: 8 -> 4 scalars
     """
     lines = []
@@ -226,6 +267,21 @@ def describe(plan: Plan) -> str:
         extra = f" (+{more} more)" if more else ""
         lines.append(f"group {k}: {e['size']} -> {len(e['keep'])}  {path} axis {axis}{extra}")
     pos = kept_positions(plan)
+    covering: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+    for k, g in enumerate(plan_groups(plan)):
+        for member, lay in zip(g.members, g.layouts):
+            covering.setdefault(tuple(member), []).append((k, np.asarray(lay)))
+    for (path, axis), idx in pos.items():
+        n = plan["leaves"][path][axis]
+        line = f"{path} axis {axis}: {n} -> {len(idx)} (-{100 * (1 - len(idx) / n):.0f}%)"
+        groups_here = covering.get((path, axis), [])
+        if len(groups_here) > 1:
+            product = all((lab >= 0).all() for _, lab in groups_here)
+            parts = [f"group {k} ({plan['groups'][k]['size']} -> {len(plan['groups'][k]['keep'])})"
+                     for k, _ in groups_here]
+            line += " = " + (" x " if product else " + ").join(parts)
+        lines.append(line)
+    lines.append(f"semantics: {plan.get('semantics', 'masked')}")
     before = after = 0
     for path, shape in plan["leaves"].items():
         new = list(shape)

@@ -9,10 +9,16 @@ values along a pruned axis are the kept indices; constant gather positions into 
 pruned axis are renumbered to the kept channels; random bits are drawn at the
 reduced shape (``random_bits="reduced"``, equal in distribution to the masked
 model's draw) or drawn at the full shape and cut (``"exact"``, the masked model's
-very bits); ``shard_map`` bodies are re-emitted shrunk; a mean (``reduce_sum`` then
-``div`` by the reduced count) divides by the reduced count, as a model built at
-the reduced width would. This works for any JAX function, including Flax
-modules that hard-code their widths (Li et al. 2017; Fang et al. 2023).
+very bits); ``shard_map`` bodies are re-emitted shrunk. This works for any JAX
+function, including Flax modules that hard-code their widths (Li et al. 2017;
+Fang et al. 2023).
+
+What a reduction over a pruned axis means is the plan's *semantics*:
+``"masked"`` (``masked.py``) evaluates every equation on values that also carry
+the removed channels' contribution, so the result equals the masked dense
+model exactly; ``"native"`` (``native.py``) evaluates the plain reduced program
+with every constant that encodes a pruned width (a mean's divisor,
+``1/sqrt(head_dim)``) replaced by its reduced value.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune.structured import collectives, control, equivariance
+from jaxprune.structured import collectives, control, equivariance, masked
 from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
 __all__ = ["Shrinker", "SHRINK_RULES", "RANDOM_BITS"]
@@ -40,14 +46,20 @@ def _is_lit(v: Any) -> bool:
 class Shrinker:
     """Evaluates the analysed jaxpr with every pruned axis cut to its kept indices."""
 
-    def __init__(self, analysis: Any, keep: dict[int, np.ndarray],
-                 random_bits: str = "reduced") -> None:
+    def __init__(self, analysis: Any, keep: dict[int, np.ndarray], semantics: str = "masked",
+                 constants: dict | None = None, random_bits: str = "reduced") -> None:
         self.a = analysis
         self.t = analysis.tracer
         self.keep = keep
+        self.semantics = semantics
+        # native: (scope, equation index, operand index) -> the reduced-width constant
+        self.constants = constants or {}
         self.random_bits = check_random_bits(random_bits)
         self._kept_cache: dict[int, np.ndarray] = {}
-        self.counts: dict[tuple, tuple[int, int]] = {}
+        self.R = masked.Regions(self.t.uf, keep)
+
+    def rule(self, name: str) -> Callable:
+        return SHRINK_RULES.get(name, _default)
 
     # -- index bookkeeping -------------------------------------------------
     def kept(self, node: int) -> np.ndarray:
@@ -73,7 +85,23 @@ class Shrinker:
         return x
 
     # -- evaluation --------------------------------------------------------
+    def run(self, jaxpr: Any, consts: Sequence[Any], variables: Sequence[Any],
+            inputs: Sequence[Any]) -> list:
+        """Evaluates the top-level jaxpr on the small variables and the
+        (full-width) inputs; returns the outputs at the reduced shapes."""
+        invars = jaxpr.invars[len(variables):]
+        if self.semantics == "masked":
+            args = [masked.Val(x) for x in variables] + [
+                masked.wrap_input(self, x, v, ()) for x, v in zip(inputs, invars)]
+            return [o.main for o in masked.eval_jaxpr(self, jaxpr, consts, args, ())]
+        # Inputs keep their full shape; only with prunable_io do removed input
+        # features exist, and they are dropped here.
+        args = list(variables) + [self.cut(x, v, ()) for x, v in zip(inputs, invars)]
+        return self.eval(jaxpr, consts, args, ())
+
     def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], scope: tuple) -> list:
+        if self.semantics == "masked":
+            return masked.eval_jaxpr(self, jaxpr, consts, args, scope)
         env: dict[Any, Any] = {}
 
         def read(v):
@@ -85,6 +113,10 @@ class Shrinker:
             env[v] = x
         for i, eqn in enumerate(jaxpr.eqns):
             invals = [read(v) for v in eqn.invars]
+            for k in range(len(invals)):
+                new = self.constants.get((scope, i, k))
+                if new is not None:  # a constant that encodes a pruned width
+                    invals[k] = jnp.asarray(new, eqn.invars[k].aval.dtype)
             rule = SHRINK_RULES.get(eqn.primitive.name, _default)
             try:
                 outs = rule(self, eqn, invals, scope, scope + (i,))
@@ -196,25 +228,6 @@ def _conv(s, eqn, invals, scope, sub):
     return eqn.primitive.bind(*invals, **{**eqn.params, "feature_group_count": lf // rin})
 
 
-def _reduce_sum(s, eqn, invals, scope, sub):
-    x = eqn.invars[0]
-    axes = eqn.params["axes"]
-    old = int(np.prod([s.old_shape(x)[a] for a in axes]))
-    new = int(np.prod([invals[0].shape[a] for a in axes]))
-    if old != new:
-        s.counts[(scope, eqn.outvars[0])] = (old, new)
-    return _default(s, eqn, invals, scope, sub)
-
-
-def _div(s, eqn, invals, scope, sub):
-    num, den = eqn.invars
-    hit = None if _is_lit(num) else s.counts.get((scope, num))
-    if hit is not None and _is_lit(den) and np.ndim(den.val) == 0 and float(den.val) == hit[0]:
-        # A mean over a pruned axis: divide by the reduced count.
-        return lax.div(invals[0], jnp.asarray(hit[1], dtype=invals[1].dtype))
-    return _default(s, eqn, invals, scope, sub)
-
-
 #: Primitive name -> rule that re-emits it at the reduced shapes (others are re-bound as traced).
 SHRINK_RULES: dict[str, Callable] = {
     "reshape": _with(new_sizes=_out_shape, dimensions=lambda s, e, sc: None),
@@ -227,8 +240,6 @@ SHRINK_RULES: dict[str, Callable] = {
     "split": _split,
     "gather": _gather,
     "conv_general_dilated": _conv,
-    "reduce_sum": _reduce_sum,
-    "div": _div,
 }
 SHRINK_RULES.update(control.SHRINK_CONTROL)
 SHRINK_RULES.update(collectives.SHRINK_COLLECTIVES)
