@@ -346,3 +346,28 @@ def test_global_selection_keeps_a_channel_of_every_group_and_says_so():
     small, fn = st.shrink(m.apply, v, plan)
     assert small["params"]["Dense_2"]["kernel"].shape == (8, 0)
     close(fn(small, X), m.apply(st.zero_removed(v, plan), X))
+
+
+class NnxEvalNet(nnx.Module):
+    def __init__(self, w, rngs):
+        self.inp = nnx.Linear(7, w, rngs=rngs)
+        self.bn = nnx.BatchNorm(w, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(w, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(nnx.relu(self.bn(self.inp(x)))))
+
+
+def test_a_rebuilt_nnx_model_keeps_the_eval_mode_of_the_model_it_replaces():
+    m = NnxEvalNet(12, nnx.Rngs(0))
+    state = nnx.state(m, nnx.Any(nnx.Param, nnx.BatchStat))
+    nnx.replace_by_pure_dict(state, noisy(nnx.to_pure_dict(state)))  # running stats too
+    nnx.update(m, state)
+    m.eval()
+    x = SEQ[0]
+    r = st.prune_channels(m, x, sparsity=0.5,
+                          rebuild=lambda v: NnxEvalNet(v["inp"]["kernel"].shape[1], nnx.Rngs(1)))
+    assert r.model.drop.deterministic and r.model.bn.use_running_average  # was: training mode
+    close(r.model(x), r.apply(r.variables, x))
+    close(r.model(x), r.model(x))  # no dropout noise

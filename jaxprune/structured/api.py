@@ -314,8 +314,9 @@ def prune_channels(target: Any, *args: Any, sparsity: float = 0.5,
         from jaxprune.structured import flax as fx
         fx.check_nnx_inputs(target, args)
         fn, variables, state = fx.nnx_functional(target)
-        full = _run(fn, variables, args, plan, options, reference=False, rebuild=(
-            None if rebuild is None else lambda small: fx.rebuild_nnx(lambda: rebuild(small), small)))
+        rebuilt = None if rebuild is None else (
+            lambda small: fx.rebuild_nnx(lambda: rebuild(small), small, like=target))
+        full = _run(fn, variables, args, plan, options, reference=False, rebuild=rebuilt)
         small_fn = full.apply
         full.apply = jax.jit(lambda v, *x: small_fn(v, *x)[0])
         if rebuild is None:

@@ -23,7 +23,7 @@ from jaxprune.structured.trace import StructuredPruningError
 PyTree = Any
 
 __all__ = ["ShrunkLinen", "ShrunkNNX", "nnx_functional", "shrunk_nnx_model", "rebuild_nnx",
-           "check_nnx_inputs"]
+           "copy_modes", "MODE_ATTRIBUTES", "check_nnx_inputs"]
 
 
 class ShrunkLinen(nn.Module):
@@ -143,13 +143,33 @@ def shrunk_nnx_model(fn: Callable, small_pure: PyTree, state: Any) -> ShrunkNNX:
     return ShrunkNNX(fn, jax.tree.unflatten(treedef, wrapped))
 
 
-def rebuild_nnx(make_model: Callable[[], nnx.Module], variables: PyTree) -> nnx.Module:
+#: Module attributes that ``nnx.Module.train()`` / ``eval()`` switch; a rebuilt
+#: model takes them from the model it replaces.
+MODE_ATTRIBUTES = ("deterministic", "use_running_average")
+
+
+def copy_modes(source: nnx.Module, target: nnx.Module) -> None:
+    """Sets every ``MODE_ATTRIBUTES`` attribute of ``target``'s submodules to its
+    value in ``source``'s submodule at the same graph path (a freshly built
+    model is in training mode; the model it replaces may be in eval mode)."""
+    src = {path: node for path, node in nnx.iter_graph(source) if isinstance(node, nnx.Module)}
+    for path, node in nnx.iter_graph(target):
+        if isinstance(node, nnx.Module) and path in src:
+            for name in MODE_ATTRIBUTES:
+                if name in vars(src[path]) and name in vars(node):
+                    setattr(node, name, getattr(src[path], name))
+
+
+def rebuild_nnx(make_model: Callable[[], nnx.Module], variables: PyTree,
+                like: nnx.Module | None = None) -> nnx.Module:
     """Builds ``make_model()`` fresh (abstractly, ``nnx.eval_shape``) and merges
     the reduced ``variables`` into it; the shapes must match the new config.
 
     Use when the model is built from a plain config and the reduced widths are
     known: the result is an ordinary instance of the user's class, never the
     stale graphdef of the unpruned model (Flax NNX's split/merge discipline).
+    With ``like``, the train/eval mode of each submodule is copied from it
+    (``copy_modes``), so a model pruned in eval mode comes back in eval mode.
     """
     abstract = nnx.eval_shape(make_model)
     graphdef, state = nnx.split(abstract)
@@ -161,4 +181,7 @@ def rebuild_nnx(make_model: Callable[[], nnx.Module], variables: PyTree) -> nnx.
                 f"rebuilt model does not fit the pruned variables at '{p}': "
                 f"model {want.get(p)} vs variables {have.get(p)}")
     nnx.replace_by_pure_dict(state, variables)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if like is not None:
+        copy_modes(like, model)
+    return model
