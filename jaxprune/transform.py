@@ -54,7 +54,7 @@ class PruneState(NamedTuple):
         sparsity was outside [0, 1] or NaN (the masks were kept as they were).
       alerts: ``jaxprune.diagnostics.Alerts``, per-leaf flags of what the
         checks found; ``jaxprune.check(opt_state)`` turns them (and
-        ``refused``) into ``PruningWarning``s.
+        ``refused``) into ``PruningWarning`` warnings.
     """
 
     count: jax.Array

@@ -30,7 +30,8 @@ class _Unknown:
 
 #: Marks a removed block whose values are not carried (an error if it reaches a kept value).
 UNKNOWN = _Unknown()
-ZERO = object()  # a block known to be zero (internal marker while evaluating)
+#: A block known to be zero (internal marker while evaluating).
+ZERO = object()
 
 
 class Block(NamedTuple):

@@ -2,7 +2,7 @@
 
 The only module of ``jaxprune.structured`` that imports flax. A shrunk Linen
 module is a ``ShrunkLinen`` whose ``apply`` reads the reduced variables and runs
-the re-emitted jaxpr; a shrunk NNX model is a ``ShrunkNNX`` whose ``nnx.Param``s
+the re-emitted jaxpr; a shrunk NNX model is a ``ShrunkNNX`` whose ``nnx.Param`` variables
 (and other Variables) have the reduced shapes, so ``nnx.Optimizer`` and
 ``nnx.grad`` work on it. ``rebuild_nnx`` builds a model fresh from a config
 (``nnx.eval_shape`` + ``nnx.merge``) when the user can state the reduced widths.

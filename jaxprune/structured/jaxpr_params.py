@@ -2,8 +2,8 @@
 
 JAX changes how control-flow primitives store their parameters between
 releases (jax 0.12 replaced ``scan``'s ``num_consts``/``num_carry`` with a
-flat-tree ``ft_in`` and stores open ``Jaxpr``s with their consts where older
-releases stored ``ClosedJaxpr``s). Every reader of those parameters goes
+flat-tree ``ft_in`` and stores open ``Jaxpr`` objects with their consts where older
+releases stored ``ClosedJaxpr`` objects). Every reader of those parameters goes
 through this module, so a new layout is fixed in one place; a layout it does
 not know is a ``StructuredPruningError`` naming the primitive and the jax
 version, never a ``KeyError``.

@@ -217,7 +217,7 @@ def _parts_block(s: Any, eqn: Any, invals: list, scope: tuple, S: frozenset, res
 
 # ---------------------------------------------------------------- evaluation
 def eval_jaxpr(s: Any, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], scope: tuple) -> list:
-    """Evaluates ``jaxpr`` on ``Val``s (see the module docstring)."""
+    """Evaluates ``jaxpr`` on ``Val`` values (see the module docstring)."""
     env: dict = {}
 
     def read(v):

@@ -192,7 +192,7 @@ def group_masks(variables: PyTree, plan_or_groups: Any,
     Structured (channel) masks for gradual group pruning (Fang et al. 2023;
     Wen et al. 2016): feed them to a masked optimizer so a model trains
     towards the structure it will be shrunk to. ``plan_or_groups`` is a plan
-    or a list of ``Group``s together with ``kept`` (indices per group).
+    or a list of ``Group`` objects together with ``kept`` (indices per group).
     """
     plan = plan_or_groups
     if not isinstance(plan, dict):
