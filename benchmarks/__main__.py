@@ -137,8 +137,7 @@ def main(argv=None) -> int:
     accel = next((d for d in jax.devices() if d.platform != "cpu"), None)
     env = harness.environment()
     names = args.only or list(SECTIONS) + (["accelerator"] if accel else [])
-    old = split_sections(out.read_text()) if args.only and out.exists() else {}
-    blocks, ok_all = dict(old), True
+    fresh, ok_all = {}, True
     for name in names:
         if name == "accelerator":
             if accel is None:
@@ -151,8 +150,12 @@ def main(argv=None) -> int:
             with jax.default_device(cpu):
                 body, ok = run_section(name, args.quick, out_dir)
         ok_all &= ok
-        blocks[name] = _block(name, body)
+        fresh[name] = _block(name, body)
         # Written after every section: a long run that stops keeps what it measured.
+        # With --only the file is re-read just before writing, so that sections written
+        # meanwhile (another --only run) are kept.
+        kept = split_sections(out.read_text()) if args.only and out.exists() else {}
+        blocks = {**kept, **fresh}
         order = [n for n in [*SECTIONS, "accelerator"] if n in blocks]
         out.write_text(header(env, args.quick, args.note) + "\n"
                        + "\n\n".join(blocks[n] for n in order) + "\n")

@@ -91,8 +91,8 @@ def run(quick: bool = False, sizes=None, repeats: Optional[int] = None,
     """Markdown: time (median, min–max of interleaved runs), ratio, XLA
     temporary bytes and measured extra peak RSS of both ways, per size."""
     import harness
-    sizes = sizes or ([1.0] if quick else [1.0, 10.0, 25.0, 100.0])
-    repeats = repeats or (3 if quick else 5)
+    sizes = sizes or ([0.25] if quick else [1.0, 10.0, 25.0, 100.0])
+    repeats = repeats or (2 if quick else 5)
     base, ours = jax.jit(sort_baseline), jax.jit(radix_select)
     s = jnp.float32(sparsity)
     rows = []

@@ -242,8 +242,9 @@ def run(quick: bool = False, only: Optional[str] = None, round_to: int = 64,
     # The sparsity is chosen so that XLA-counted FLOPs fall as close as the
     # rounding allows to 2x and 4x.
     for target in targets:
-        if "mlp" in kinds:
-            conv_rows.append(bench("mlp", MLP, (2048, 2048, 2048), x_mlp, target, reps, round_to))
+        if "mlp" in kinds:  # quick: a narrower MLP, fewer candidate widths to compile
+            conv_rows.append(bench("mlp", MLP, (512,) * 3 if quick else (2048,) * 3, x_mlp, target,
+                                   reps, round_to))
         if "cnn" in kinds:
             conv_rows.append(bench("cnn", CNN, tuple(cnn_widths), x_img, target, reps,
                                    cnn_round_to))

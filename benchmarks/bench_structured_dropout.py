@@ -70,7 +70,7 @@ def run(quick: bool = False, reps: Optional[int] = None) -> str:
     """Markdown: train-step latency, FLOPs and random values drawn of the dense,
     exact-bits and reduced-bits shrunk block."""
     import harness
-    b, n, d, heads, mlp, r = (4, 64, 128, 4, 512, 5) if quick else (8, 128, 256, 8, 1024, 20)
+    b, n, d, heads, mlp, r = (2, 32, 64, 2, 256, 3) if quick else (8, 128, 256, 8, 1024, 20)
     reps = reps or r
     block = Block(d, heads, mlp)
     x = jax.random.normal(jax.random.key(0), (b, n, d))
