@@ -82,7 +82,10 @@ def run_section(name: str, quick: bool, out_dir: Path) -> tuple[str, bool]:
 
 def header(env: dict, quick: bool, note: str) -> str:
     cpus = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        load = float(env["load average at start (1, 5, 15 min)"].split(",")[0])
+    except (KeyError, ValueError):
+        load = 0.0
     shared = note or ("The machine was shared with other jobs while this ran "
                       f"(1-minute load {load:.1f} on {cpus} CPUs at the start): absolute times "
                       "are noisy; compare the ratios, which come from interleaved runs of the "
