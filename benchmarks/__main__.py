@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a note on the machine for the header")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     out_dir = out.parent / PLOTS
     import jax
     cpu = jax.devices("cpu")[0]
