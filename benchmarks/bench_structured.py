@@ -3,13 +3,13 @@
 Run:  python benchmarks/bench_structured.py [--quick] [--only mlp|cnn|lm|vit]
 
 For an MLP and a small CNN (Flax Linen, hard-coded widths) at about 2x and 4x
-fewer FLOPs, prints the jitted forward latency (best of repeated, interleaved runs) of:
+fewer FLOPs, reports the jitted forward latency (median and min–max of interleaved runs) of:
   dense      the original model
   masked     the original model with the removed channels zeroed
   scratch    the same module class built at the reduced widths
   shrunk     jaxprune.structured.prune_channels(...).apply
-and FLOPs from XLA's cost analysis. Targets: shrunk speedup over dense >=
-0.9 x the FLOPs reduction, and shrunk within 5% of scratch.
+and FLOPs from XLA's cost analysis (targets: shrunk speedup over dense >=
+0.9 x the FLOPs reduction, and shrunk within 5% of scratch).
 
 For a pre-LN decoder-only transformer LM and a ViT (LayerNorm over the pruned
 residual width, heads, head_dim and MLP width all pruned) at about 2x and 4x
@@ -22,7 +22,9 @@ which also carries the removed channels' share of every LayerNorm statistic;
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -30,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import structured as st
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 class MLP(nn.Module):
@@ -65,20 +69,18 @@ def hlo_ops(fn, *args) -> int:
     return sum(1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//"))
 
 
-def latencies(calls: dict, reps: int) -> dict:
-    """Fastest of ``reps`` calls (robust to other processes on a shared CPU);
-    the variants are interleaved so drift hits all of them alike."""
+def latency_samples(calls: dict, reps: int) -> dict:
+    """Seconds of ``reps`` calls of each jitted function (after 3 warm-up
+    calls), interleaved so that drift on a shared CPU hits all of them alike."""
+    import harness
     jitted = {k: (jax.jit(fn), args) for k, (fn, args) in calls.items()}
-    for fn, args in jitted.values():
-        for _ in range(3):
-            jax.block_until_ready(fn(*args))
-    times = {k: [] for k in calls}
-    for _ in range(reps):
-        for k, (fn, args) in jitted.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.min(v)) for k, v in times.items()}
+    return harness.interleaved({k: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
+                                for k, (f, a) in jitted.items()}, reps, warmup=3)
+
+
+def latencies(calls: dict, reps: int) -> dict:
+    """Fastest of ``reps`` interleaved calls of each function."""
+    return {k: float(np.min(v)) for k, v in latency_samples(calls, reps).items()}
 
 
 def sparsity_for(module_cls, base_widths, x, target, round_to, f_dense) -> float:
@@ -109,24 +111,20 @@ def bench(name, module_cls, base_widths, x, target, reps, round_to):
     f_dense = flops(model.apply, v, x)
     f_small = flops(r.apply, r.variables, x)
     f_scratch = flops(scratch.apply, sv, x)
-    t = latencies({
+    t = latency_samples({
         "dense": (model.apply, (v, x)),
         "masked": (model.apply, (masked_v, x)),
         "scratch": (scratch.apply, (sv, x)),
         "shrunk": (r.apply, (r.variables, x)),
     }, reps)
     ops = (hlo_ops(r.apply, r.variables, x), hlo_ops(scratch.apply, sv, x))
-    reduction = f_dense / f_small
-    speedup = t["dense"] / t["shrunk"]
-    vs_scratch = t["shrunk"] / t["scratch"] - 1
-    ok = speedup >= 0.9 * reduction and vs_scratch <= 0.05
-    print(f"{name:4s} s={sparsity:.3f} round_to={round_to} widths {base_widths}->{widths} | FLOPs dense {f_dense:.3g} "
-          f"shrunk {f_small:.3g} scratch {f_scratch:.3g} (x{reduction:.2f} fewer) | ms dense "
-          f"{1e3 * t['dense']:.2f} masked {1e3 * t['masked']:.2f} scratch {1e3 * t['scratch']:.2f} "
-          f"shrunk {1e3 * t['shrunk']:.2f} | speedup x{speedup:.2f} (target >= "
-          f"{0.9 * reduction:.2f}), vs scratch {100 * vs_scratch:+.1f}% | HLO instructions "
-          f"shrunk {ops[0]} scratch {ops[1]} {'OK' if ok else 'MISS'}")
-    return ok
+    import harness
+    return [f"{name} {target:g}x", f"{base_widths} → {widths}", f"×{f_dense / f_small:.2f}",
+            f"{f_scratch / f_small:.2f}", harness.ms(t["dense"]), harness.ms(t["masked"]),
+            harness.ms(t["scratch"]), harness.ms(t["shrunk"]),
+            f"×{harness.ratio(t['dense'], t['shrunk']):.2f}",
+            f"{100 * (harness.ratio(t['shrunk'], t['scratch']) - 1):+.1f}%",
+            f"{ops[0]} / {ops[1]}"]
 
 
 class Block(nn.Module):
@@ -210,23 +208,81 @@ def bench_transformer(name, module_cls, base, x, target, reps):
     f_small = flops(results["masked"].apply, sv, x)
     calls = {"scratch": (scratch.apply, (sv, x))}
     calls.update({sem: (r.apply, (r.variables, x)) for sem, r in results.items()})
-    t_eval = latencies({"dense": (model.apply, (v, x)), **calls}, reps)
-    t_train = latencies({"dense": (train_step(model.apply), (v, x)),
-                         **{k: (train_step(fn), args) for k, (fn, args) in calls.items()}}, reps)
-    print(f"{name:4s} s={s:.2f} widths {base}->{widths} | FLOPs x{f_dense / f_small:.2f} fewer")
+    t_eval = latency_samples({"dense": (model.apply, (v, x)), **calls}, reps)
+    t_train = latency_samples({"dense": (train_step(model.apply), (v, x)),
+                               **{k: (train_step(fn), args) for k, (fn, args) in calls.items()}},
+                              reps)
+    import harness
+    rows = []
     for label, t in (("eval", t_eval), ("train", t_train)):
-        print(f"     {label:5s} ms dense {1e3 * t['dense']:.2f} scratch {1e3 * t['scratch']:.2f} "
-              f"masked {1e3 * t['masked']:.2f} native {1e3 * t['native']:.2f} | speedup over dense: "
-              f"scratch x{t['dense'] / t['scratch']:.2f} masked x{t['dense'] / t['masked']:.2f} "
-              f"native x{t['dense'] / t['native']:.2f} | vs scratch: masked "
-              f"{100 * (t['masked'] / t['scratch'] - 1):+.1f}% native "
-              f"{100 * (t['native'] / t['scratch'] - 1):+.1f}%")
-    return t_eval["native"] <= 1.05 * t_eval["scratch"]
+        rows.append([f"{name} {target:g}x {label}", f"{base} → {widths}",
+                     f"×{f_dense / f_small:.2f}", harness.ms(t["dense"]), harness.ms(t["scratch"]),
+                     harness.ms(t["masked"]), harness.ms(t["native"]),
+                     f"×{harness.ratio(t['dense'], t['scratch']):.2f}",
+                     f"×{harness.ratio(t['dense'], t['masked']):.2f}",
+                     f"×{harness.ratio(t['dense'], t['native']):.2f}",
+                     f"{100 * (harness.ratio(t['masked'], t['scratch']) - 1):+.1f}% / "
+                     f"{100 * (harness.ratio(t['native'], t['scratch']) - 1):+.1f}%"])
+    return rows
+
+
+def run(quick: bool = False, only: Optional[str] = None, round_to: int = 64,
+        cnn_round_to: int = 16, cnn_widths: tuple = (64, 128, 128)) -> str:
+    """Markdown: FLOPs reduction and measured latency of dense, masked, from
+    scratch and shrunk models (MLP, CNN, LM, ViT) at 2x and 4x fewer FLOPs."""
+    import harness
+    reps = 5 if quick else 30
+    targets = (2.0,) if quick else (2.0, 4.0)
+    kinds = [only] if only else (["mlp"] if quick else ["mlp", "cnn", "lm", "vit"])
+    x_mlp = jax.random.normal(jax.random.key(2), (256, 512))
+    x_img = jax.random.normal(jax.random.key(3), (16, 32, 32, 16))
+    ids = jax.random.randint(jax.random.key(4), (8, 128), 0, 2048)
+    img = jax.random.normal(jax.random.key(5), (16, 32, 32, 3))
+    conv_rows, tf_rows = [], []
+    # The sparsity is chosen so that XLA-counted FLOPs fall as close as the
+    # rounding allows to 2x and 4x.
+    for target in targets:
+        if "mlp" in kinds:  # quick: a narrower MLP, fewer candidate widths to compile
+            conv_rows.append(bench("mlp", MLP, (512,) * 3 if quick else (2048,) * 3, x_mlp, target,
+                                   reps, round_to))
+        if "cnn" in kinds:
+            conv_rows.append(bench("cnn", CNN, tuple(cnn_widths), x_img, target, reps,
+                                   cnn_round_to))
+        if "lm" in kinds:
+            tf_rows += bench_transformer("lm", LM, (256, 8, 32, 1024), ids, target, reps)
+        if "vit" in kinds:
+            tf_rows += bench_transformer("vit", ViT, (192, 6, 32, 768), img, target, reps)
+    md = ["## Structured pruning: FLOPs vs measured speed-up", "",
+          f"Jitted forward latency in ms, median (min–max) of {reps} interleaved runs; speed-up "
+          "and the shrunk-vs-scratch gap are medians of per-round ratios. FLOPs from XLA's cost "
+          "analysis. *dense*: the original model; *masked*: removed channels zeroed (no "
+          "speed-up expected); *scratch*: the same class built at the reduced widths; "
+          "*shrunk*: `jaxprune.structured.prune_channels(...).apply`. HLO instructions of shrunk "
+          "vs scratch check that both programs do the same work.", ""]
+    if conv_rows:
+        md += [f"MLP (batch 256 x 512, kept widths multiples of {round_to}) and CNN (16 x 32 x 32 "
+               f"x 16 images, multiples of {cnn_round_to}), Flax Linen:", "",
+               harness.table(["model", "widths", "FLOPs reduction", "shrunk/scratch FLOPs",
+                              "dense ms", "masked ms", "scratch ms", "shrunk ms",
+                              "shrunk speed-up", "shrunk vs scratch", "HLO ops shrunk / scratch"],
+                             conv_rows), ""]
+    if tf_rows:
+        md += ["Pre-LN decoder LM (8 x 128 tokens, vocab 2048, 4 layers) and ViT (16 x 32 x 32 x "
+               "3, 4 layers): residual width, heads, head_dim and MLP width pruned; eval forward "
+               "and a train step (loss, gradients, SGD update) of the shrunk model under "
+               "`semantics=\"masked\"` (default; carries the removed channels' share of every "
+               "LayerNorm statistic) and `\"native\"`, against the class built at the reduced "
+               "widths:", "",
+               harness.table(["model", "widths (d, heads, head_dim, mlp)", "FLOPs reduction",
+                              "dense ms", "scratch ms", "masked ms", "native ms",
+                              "scratch speed-up", "masked speed-up", "native speed-up",
+                              "masked / native vs scratch"], tf_rows), ""]
+    return "\n".join(md)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="MLP at 2x only, fewer repetitions")
     parser.add_argument("--round-to", type=int, default=64,
                         help="MLP kept widths are multiples of this (kernels like it)")
     parser.add_argument("--cnn-round-to", type=int, default=16,
@@ -236,29 +292,7 @@ def main() -> None:
                              "FLOPs at every width; the from-scratch column shows it)")
     parser.add_argument("--only", choices=("mlp", "cnn", "lm", "vit"), default=None)
     args = parser.parse_args()
-    reps = 10 if args.quick else 50
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, best of {reps} reps, "
-          f"round_to={args.round_to} (MLP), {args.cnn_round_to} (CNN)")
-    x_mlp = jax.random.normal(jax.random.key(2), (256, 512))
-    x_img = jax.random.normal(jax.random.key(3), (16, 32, 32, 16))
-    results = []
-    # The sparsity is chosen so that XLA-counted FLOPs fall as close as the
-    # rounding allows to 2x and 4x.
-    for target in (2.0, 4.0):
-        if args.only in (None, "mlp"):
-            results.append(bench("mlp", MLP, (2048, 2048, 2048), x_mlp, target, reps,
-                                 args.round_to))
-        if args.only in (None, "cnn"):
-            results.append(bench("cnn", CNN, tuple(args.cnn_widths), x_img, target, reps,
-                                 args.cnn_round_to))
-    ids = jax.random.randint(jax.random.key(4), (8, 128), 0, 2048)
-    img = jax.random.normal(jax.random.key(5), (16, 32, 32, 3))
-    for target in (2.0, 4.0):
-        if args.only in (None, "lm"):
-            results.append(bench_transformer("lm", LM, (256, 8, 32, 1024), ids, target, reps))
-        if args.only in (None, "vit"):
-            results.append(bench_transformer("vit", ViT, (192, 6, 32, 768), img, target, reps))
-    print(f"{sum(results)}/{len(results)} configurations meet both targets")
+    print(run(args.quick, args.only, args.round_to, args.cnn_round_to, tuple(args.cnn_widths)))
 
 
 if __name__ == "__main__":

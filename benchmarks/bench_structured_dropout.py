@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_structured import flops, latencies  # noqa: E402
+from bench_structured import flops, latency_samples  # noqa: E402
 
 from jaxprune import structured as st  # noqa: E402
 
@@ -65,13 +66,12 @@ def random_bits_drawn(fn, *args) -> int:
     return total
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant")
-    args = ap.parse_args()
-    b, n, d, heads, mlp, reps = (4, 64, 128, 4, 512, 10) if args.quick else (8, 128, 256, 8, 1024, 20)
-    reps = args.reps or reps
+def run(quick: bool = False, reps: Optional[int] = None) -> str:
+    """Markdown: train-step latency, FLOPs and random values drawn of the dense,
+    exact-bits and reduced-bits shrunk block."""
+    import harness
+    b, n, d, heads, mlp, r = (2, 32, 64, 2, 256, 3) if quick else (8, 128, 256, 8, 1024, 20)
+    reps = reps or r
     block = Block(d, heads, mlp)
     x = jax.random.normal(jax.random.key(0), (b, n, d))
     key = jax.random.key(1)
@@ -88,18 +88,31 @@ def main() -> None:
     calls = {"dense": (step(apply), (v, x, key)),
              "exact": (step(exact.apply), (exact.variables, x, key)),
              "reduced": (step(reduced.apply), (reduced.variables, x, key))}
-    times = latencies(calls, reps)
+    times = latency_samples(calls, reps)
     fl = {k: flops(fn, *a) for k, (fn, a) in calls.items()}
     bits = {k: random_bits_drawn(fn, *a) for k, (fn, a) in calls.items()}
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; block d={d} heads={heads} "
-          f"mlp={mlp}, batch {b}x{n}; params {exact.params_before} -> {exact.params_after}")
-    print(f"{'variant':8s} {'step ms':>9s} {'GFLOPs':>8s} {'random values':>14s}")
-    for k in calls:
-        print(f"{k:8s} {1e3 * times[k]:9.2f} {fl[k] / 1e9:8.3f} {bits[k]:14d}")
-    print(f"speed-up over dense: exact {times['dense'] / times['exact']:.2f}x, "
-          f"reduced {times['dense'] / times['reduced']:.2f}x "
-          f"(FLOPs ratio {fl['reduced'] / fl['dense']:.2f}); "
-          f"reduced vs exact {times['exact'] / times['reduced']:.2f}x")
+    rows = [[k, harness.ms(times[k]), f"{fl[k] / 1e9:.3f}", f"{bits[k]:,}",
+             f"×{harness.ratio(times['dense'], times[k]):.2f}"] for k in calls]
+    return "\n".join([
+        "## Shrunk transformer block with dropout", "",
+        f"A pre-LN block (d={d}, {heads} heads, MLP {mlp}, dropout 0.1, batch {b} x {n}) pruned "
+        f"to half its heads and MLP width ({exact.params_before:,} → {exact.params_after:,} "
+        "params); a jitted training step (loss and gradients). *exact*: random bits drawn at the "
+        "full shape and cut (`random_bits=\"exact\"`, bit-identical to the masked dense model); "
+        "*reduced*: bits drawn at the reduced shape (the default). Step time in ms, median "
+        f"(min–max) of {reps} interleaved runs; random values counted in the jaxpr.", "",
+        harness.table(["variant", "step ms", "GFLOPs", "random values", "speed-up vs dense"],
+                      rows),
+        "", f"Reduced vs exact: ×{harness.ratio(times['exact'], times['reduced']):.2f} "
+        f"(FLOPs ratio reduced/dense {fl['reduced'] / fl['dense']:.2f})."])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant")
+    args = ap.parse_args()
+    print(run(args.quick, args.reps))
 
 
 if __name__ == "__main__":

@@ -90,14 +90,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def chunk_runner(loss_fn: Callable, tx: optax.GradientTransformation, x: np.ndarray,
-                 y: np.ndarray, *, with_grads: bool = False) -> Callable:
+                 y: np.ndarray, *, with_grads: bool = False,
+                 forward: Optional[Callable] = None) -> Callable:
     """A jitted ``run(state, idx) -> state`` doing ``len(idx)`` optimizer steps
     in one ``lax.scan``; ``idx[t]`` holds the sample indices of step ``t``.
 
     ``state = (params, aux, opt_state)``; ``loss_fn(params, aux, xb, yb) ->
     (loss, aux)`` (``aux``: BatchNorm statistics or ``None``). With
     ``with_grads`` the raw gradients are passed to ``tx.update`` as
-    ``grads=`` (gradient-based criteria, RigL).
+    ``grads=`` (gradient-based criteria, RigL). ``forward(params, opt_state)``
+    may change the weights the loss sees (e.g. ``ste_apply`` with the masks
+    in the optimizer state); by default the params themselves.
     """
     xs, ys = jnp.asarray(x), jnp.asarray(y)
 
@@ -105,8 +108,9 @@ def chunk_runner(loss_fn: Callable, tx: optax.GradientTransformation, x: np.ndar
     def run(state, idx):
         def step(carry, batch):
             params, aux, opt_state = carry
-            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, aux, xs[batch], ys[batch])
+            seen = (lambda p: p) if forward is None else (lambda p: forward(p, opt_state))
+            (_, aux), grads = jax.value_and_grad(
+                lambda p, *a: loss_fn(seen(p), *a), has_aux=True)(params, aux, xs[batch], ys[batch])
             extra = {"grads": grads} if with_grads else {}
             updates, opt_state = tx.update(grads, opt_state, params, **extra)
             return (optax.apply_updates(params, updates), aux, opt_state), None
@@ -227,24 +231,8 @@ def train_mlp(params: dict, tx: optax.GradientTransformation, data: Split, steps
     ``forward(params, opt_state)`` may change the weights the loss sees
     (e.g. ``ste_apply``); by default the params themselves."""
     (x, y), _ = data
-    if forward is None:
-        run = chunk_runner(mlp_loss, tx, x, y, with_grads=with_grads)
-        state = (params, None, tx.init(params))
-    else:
-        # The loss needs the optimizer state (masks): carry it as ``aux``.
-        def loss(p, opt_state, xb, yb):
-            return cross_entropy(mlp_apply(forward(p, opt_state), xb), yb), opt_state
-        xs, ys = jnp.asarray(x), jnp.asarray(y)
-
-        @jax.jit
-        def run(state, idx):
-            def step(carry, batch):
-                p, _, opt_state = carry
-                grads = jax.grad(lambda q: loss(q, opt_state, xs[batch], ys[batch])[0])(p)
-                updates, opt_state = tx.update(grads, opt_state, p)
-                return (optax.apply_updates(p, updates), None, opt_state), None
-            return jax.lax.scan(step, state, idx)[0]
-        state = (params, None, tx.init(params))
+    run = chunk_runner(mlp_loss, tx, x, y, with_grads=with_grads, forward=forward)
+    state = (params, None, tx.init(params))
     params, _, opt_state = train(run, state, steps, batch_size=batch_size, n_train=len(x),
                                  chunk=chunk, seed=seed, desc=desc, after_chunk=after_chunk)
     return params, opt_state
