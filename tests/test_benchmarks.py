@@ -34,6 +34,7 @@ def test_only_replaces_one_section_and_keeps_the_others(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.examples
 def test_quick_run_writes_every_section_header_field_and_plot(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     r = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
