@@ -162,9 +162,9 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
         if not isinstance(sparsity, Mapping) and not isinstance(distribution, Mapping):
             _checked_sparsity(sparsity, reporter)
         reporter.report([_negative_check(paths, xs, elementwise, signed)])
-        return [threshold._select([x], threshold.prune_count(s, x.size), None, None, [d],
-                                  elementwise, keep=True)[0]
-                for x, s, d in zip(xs, per_leaf, kept)]
+        return threshold._select_each(
+            xs, [threshold.prune_count(s, x.size) for x, s in zip(xs, per_leaf)], kept,
+            elementwise, keep=True)
     if isinstance(sparsity, Mapping) or distribution != "uniform":
         raise ValueError("scope='global' ranks all leaves by one threshold; per-leaf "
                          "sparsity mappings and distribution='erk' need scope='local'")

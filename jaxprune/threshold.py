@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune import leaf_groups
+
 __all__ = ["order_keys", "lowest", "prune_count"]
 
 _DIGIT_BITS = 16
@@ -305,12 +307,14 @@ def _kth_key(make_keys, rank):
     return prefix, below, equal
 
 
-def _flat_index(like: jax.Array) -> jax.Array:
-    """Row-major flat index of every entry of ``like``, built from iotas so
-    that nothing parameter-sized is read and a sharded leaf stays sharded."""
+def _flat_index(like: jax.Array, first_dim: int = 0) -> jax.Array:
+    """Row-major flat index of every entry of ``like`` (over its axes from
+    ``first_dim`` on: the index within each leaf of a stack), built from
+    iotas so that nothing parameter-sized is read and a sharded leaf stays
+    sharded."""
     index = jnp.zeros_like(like, dtype=jnp.uint32)
     stride = 1
-    for dim in reversed(range(like.ndim)):
+    for dim in reversed(range(first_dim, like.ndim)):
         index = index + _iota(like, dim) * jnp.uint32(stride)
         stride *= like.shape[dim]
     return index
@@ -389,6 +393,47 @@ def _select(scores, n_prune, protected, demoted, kept, elementwise, keep: bool):
     signed = _check_one_kind([s.dtype for s in ranked])
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
     return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise, keep, signed)
+
+
+def _select_each(scores, n_prunes, kept=None, elementwise=None, keep: bool = False,
+                 protected=None, rows: Optional[Sequence[bool]] = None) -> list[jax.Array]:
+    """One independent selection per array (``lowest([x], n)`` for each),
+    or per row of an array marked in ``rows`` (a stack of layers:
+    ``n_prunes[i]`` is then a vector over its rows). Arrays of equal shape
+    share one compiled selection (``_lowest_each``)."""
+    scores = _as_score_arrays(scores)
+    n = len(scores)
+    rows = tuple(bool(r) for r in rows) if rows is not None else (False,) * n
+    kept = list(kept) if kept is not None else [None] * n
+    protected = list(protected) if protected is not None else [None] * n
+    out: list = [None] * n
+    todo: dict = {}
+    for i, x in enumerate(scores):
+        size = int(np.prod(x.shape[1:] if rows[i] else x.shape))
+        if size >= 2**32:
+            raise ValueError(f"cannot select among {size} entries (limit 2**32 - 1)")
+        for name, m in (("kept", kept[i]), ("protected", protected[i])):
+            if m is not None and tuple(jnp.shape(m)) != tuple(x.shape):
+                raise ValueError(f"{name}[{i}] has shape {tuple(jnp.shape(m))}, "
+                                 f"score array {i} has shape {tuple(x.shape)}")
+        count = n_prunes[i]
+        if isinstance(count, (int, np.integer)) and not rows[i]:
+            if count <= 0 or (count >= size and protected[i] is None):
+                out[i] = jnp.full_like(x, keep if count <= 0 else not keep, dtype=bool)
+                continue
+        ranked = x if elementwise is None else jax.eval_shape(elementwise, x)
+        kind = (jnp.dtype(ranked.dtype).itemsize > 4, _check_one_kind([ranked.dtype]))
+        todo.setdefault(kind, []).append(i)
+    for (wide, signed), idx in todo.items():
+        counts = [jnp.clip(jnp.asarray(n_prunes[i]), 0,
+                           int(np.prod(scores[i].shape[1:] if rows[i] else scores[i].shape))
+                           ).astype(jnp.uint32) for i in idx]
+        masks = _lowest_each([scores[i] for i in idx], [protected[i] for i in idx],
+                             [None] * len(idx), [kept[i] for i in idx], counts, wide,
+                             elementwise, keep, signed, tuple(rows[i] for i in idx))
+        for i, m in zip(idx, masks):
+            out[i] = m
+    return out
 
 
 def _as_score_arrays(scores, names: Optional[Sequence[str]] = None) -> list[jax.Array]:
@@ -471,14 +516,19 @@ class _Keys:
         return self.transform(i, _chunk_of(a, chunk), chunk=chunk)
 
 
+def _row_cols(shape: tuple) -> int:
+    """Columns of ``_rows``: the last axis, split below 2**16 where it can be."""
+    cols = shape[-1] if shape else 1
+    if cols >= 1 << 16:  # split the last axis (the outer part joins the rows)
+        cols = max((d for d in range(1, 1 << 16) if cols % d == 0), default=cols)
+    return cols
+
+
 def _rows(x: jax.Array) -> jax.Array:
     """``x`` as a matrix whose rows are runs of consecutive flat indices, each
     shorter than 2**16 where the shape allows (so that 16-bit row counts,
     which XLA:CPU vectorises, cannot overflow)."""
-    cols = x.shape[-1] if x.ndim else 1
-    if cols >= 1 << 16:  # split the last axis (the outer part joins the rows)
-        cols = max((d for d in range(1, 1 << 16) if cols % d == 0), default=cols)
-    return x.reshape(-1, cols)
+    return x.reshape(-1, _row_cols(x.shape))
 
 
 def _first_reaching(counts: jax.Array, target) -> tuple[jax.Array, jax.Array]:
@@ -522,44 +572,82 @@ def _ties_per_row(rows: jax.Array, t) -> jax.Array:
     return jnp.sum(equal, axis=1, dtype=jnp.uint16 if narrow else jnp.uint32).astype(jnp.uint32)
 
 
-def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
-    """Per leaf, the flat index below which ties (keys equal to ``t``) are
-    pruned, so that exactly ``needed`` ties are pruned in (leaf, flat index)
-    order: ties are counted per row (``_ties_per_row``); in the one leaf
-    where the cut falls, the row holding it is
-    read back (one pass of ``any``) and its column found by bisection.
-    Keys are rebuilt by ``make_keys(i)`` wherever used, never stored."""
-    cuts = []
-    before = jnp.zeros((), jnp.uint32)
-    for i, shape in enumerate(make_keys.shapes):
-        size = int(np.prod(shape))
-        if size == 0:
-            cuts.append(jnp.uint32(0))
+def _tie_cuts(make_keys, t, needed, groups) -> list[jax.Array]:
+    """Per part (a stack of equal leaves, see ``jaxprune.leaf_groups``), per
+    row (leaf): the flat index below which its ties (keys equal to ``t``)
+    are pruned, so that exactly ``needed`` ties are pruned in (leaf, flat
+    index) order. Ties are counted per row of each leaf
+    (``_ties_per_row``); in the one leaf where the cut falls, the row
+    holding it is read back (one pass of ``any``) and its column found by
+    bisection. Keys are rebuilt by ``make_keys(p)`` wherever used, never
+    stored; the program holds one copy of this per part, not per leaf."""
+    n_leaves = sum(len(g) for g in groups)
+    per_row, ties = [], []
+    for p, shape in enumerate(make_keys.shapes):
+        b, inner = shape[0], shape[1:]
+        if int(np.prod(inner)) == 0:
+            per_row.append(None)
+            ties.append(jnp.zeros(b, jnp.uint32))
             continue
-        per_row = _ties_per_row(_rows(make_keys(i)), t)
-        ties = jnp.sum(per_row, dtype=jnp.uint32)
-        here = jnp.minimum(needed - jnp.minimum(before, needed), ties)
-        before = before + ties
+        rows = _rows3(make_keys(p), inner)
+        counts = _ties_per_row(rows.reshape(-1, rows.shape[-1]), t).reshape(rows.shape[:2])
+        per_row.append(counts)
+        ties.append(jnp.sum(counts, axis=1, dtype=jnp.uint32))
+    # Leaf order: part p row j is leaf groups[p][j] (a static permutation).
+    order = np.concatenate([np.asarray(g, np.int32) for g in groups])
+    in_leaf_order = np.argsort(order, kind="stable")
+    ties_leaf = jnp.concatenate(ties)[in_leaf_order]
+    before = jnp.cumsum(ties_leaf, dtype=jnp.uint32) - ties_leaf
+    here_leaf = jnp.minimum(needed - jnp.minimum(before, needed), ties_leaf)
+    cuts, offset = [], 0
+    for p, shape in enumerate(make_keys.shapes):
+        b, inner = shape[0], shape[1:]
+        size = int(np.prod(inner))
+        here = here_leaf[np.asarray(groups[p])] if n_leaves > 1 else here_leaf
+        partial = (here > 0) & (here < ties[p])
+        if size == 0:
+            cuts.append(jnp.zeros(b, jnp.uint32))
+            continue
 
-        def split(i=i, per_row=per_row, here=here):
-            r, above = _first_reaching(per_row, here)
-            rows = _rows(make_keys(i))
-            # Row r by a masked "any" over rows: sharding-safe and cheap.
-            in_row_r = (rows == t) & (_iota(rows, 0, jnp.int32) == r)
-            pattern = jnp.any(in_row_r, axis=0).astype(jnp.uint32)
-            col, _ = _first_reaching(pattern, here - above)
-            return r.astype(jnp.uint32) * jnp.uint32(rows.shape[1]) + col.astype(jnp.uint32) + 1
+        def split(p=p, inner=inner, here=here, partial=partial):
+            row = jnp.argmax(partial).astype(jnp.int32)
+            target = here[row]
+            counts = lax.dynamic_index_in_dim(per_row[p], row, 0, keepdims=False)
+            r, above = _first_reaching(counts, target)
+            rows = _rows3(make_keys(p), inner)
+            # Row r of leaf ``row`` by a masked "any": sharding-safe and cheap.
+            in_row = ((rows == t) & (_iota(rows, 0, jnp.int32) == row)
+                      & (_iota(rows, 1, jnp.int32) == r))
+            pattern = jnp.any(in_row, axis=(0, 1)).astype(jnp.uint32)
+            col, _ = _first_reaching(pattern, target - above)
+            return r.astype(jnp.uint32) * jnp.uint32(rows.shape[-1]) + col.astype(jnp.uint32) + 1
 
-        cuts.append(lax.cond((here > 0) & (here < ties), split,
-                             lambda here=here, size=size: jnp.where(
-                                 here == 0, jnp.uint32(0), jnp.uint32(size))))
+        cut = lax.cond(jnp.any(partial), split, lambda: jnp.uint32(0))
+        cuts.append(jnp.where(partial, cut, jnp.where(here == 0, jnp.uint32(0),
+                                                      jnp.uint32(size))))
     return cuts
+
+
+def _rows3(x: jax.Array, inner: tuple) -> jax.Array:
+    """A stack ``(b, *inner)`` as ``(b, rows, cols)`` with ``_rows``'s rows."""
+    return x.reshape(x.shape[0], -1, _row_cols(inner))
 
 
 @functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep", "signed"))
 def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, keep=False,
             signed=None):
+    """The selection of ``_select``, with leaves of equal shape stacked into
+    one part each (``jaxprune.leaf_groups``): the program holds one copy of
+    the counting passes per part, so it does not grow with the leaves."""
     # jitted so that eager callers compile once per set of shapes, not per op.
+    groups = leaf_groups.group_indices(scores, protected, demoted, kept)
+    stacked = [[leaf_groups.stack(a, g) for g in groups]
+               for a in (scores, protected, demoted, kept)]
+    parts = _lowest_parts(*stacked, n_prune, groups, wide, elementwise, keep, signed)
+    return leaf_groups.unstack(parts, groups, len(scores))
+
+
+def _keys_fn(protected, demoted, kept, wide, elementwise, signed):
     top = np.iinfo(np.uint64 if wide else np.uint32).max
 
     def keys_of(i, a, chunk=None):
@@ -571,29 +659,58 @@ def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, k
         if protected[i] is not None:
             k = jnp.where(_chunk_of(protected[i], chunk), k.dtype.type(top), k)
         return k
+    return keys_of
 
-    make_keys = _Keys(scores, keys_of)
+
+def _lowest_parts(parts, protected, demoted, kept, n_prune, groups, wide, elementwise, keep,
+                  signed):
+    """``_lowest`` on stacked parts ``(b, *shape)``, row ``j`` of part ``p``
+    being leaf ``groups[p][j]``; returns the stacked masks."""
+    keys_of = _keys_fn(protected, demoted, kept, wide, elementwise, signed)
+    make_keys = _Keys(parts, keys_of)
     rank = jnp.maximum(n_prune, 1) - 1
     t, below, ties_total = _kth_key(make_keys, rank)
     ties_needed = n_prune - below  # >= 1 when n_prune >= 1
 
     def all_ties():  # the common case: no extra pass
-        return [((keys_of(i, s) <= t) & (n_prune > 0)) ^ keep for i, s in enumerate(scores)]
+        return [((keys_of(i, s) <= t) & (n_prune > 0)) ^ keep for i, s in enumerate(parts)]
 
     def some_ties():
         out = []
-        for i, cut in enumerate(_tie_cuts(make_keys, t, ties_needed)):
-            size = int(np.prod(scores[i].shape))
-
-            def partial(i=i, cut=cut):  # the one leaf where the cut falls
-                k = make_keys(i)
-                return ((k < t) | ((k == t) & (_flat_index(k) < cut))) ^ keep
-
-            def whole(i=i, cut=cut):  # none or all of this leaf's ties
-                k = make_keys(i)
-                return ((k < t) | ((k == t) & (cut > 0))) ^ keep
-
-            out.append(lax.cond((cut > 0) & (cut < size), partial, whole))
+        for p, cut in enumerate(_tie_cuts(make_keys, t, ties_needed, groups)):
+            k = make_keys(p)
+            inner = _flat_index(k, first_dim=1)
+            cut = cut.reshape((-1,) + (1,) * (k.ndim - 1))
+            out.append(((k < t) | ((k == t) & (inner < cut))) ^ keep)
         return out
 
     return lax.cond((ties_needed == ties_total) | (n_prune == 0), all_ties, some_ties)
+
+
+@functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep", "signed", "rows"))
+def _lowest_each(scores, protected, demoted, kept, n_prunes, wide, elementwise=None,
+                 keep=False, signed=None, rows=None):
+    """One selection per leaf (per row of a leaf marked in ``rows``):
+    ``n_prunes[i]`` holds leaf ``i``'s count (a vector over its rows when
+    stacked). Leaves of equal shape are stacked and selected by one
+    ``lax.map`` over their rows, so the program holds one selection per
+    group of equal leaves."""
+    groups = leaf_groups.group_indices(scores, protected, demoted, kept, rows=rows)
+    out = []
+    for g in groups:
+        part, prot, dem, kep = (leaf_groups.stack(a, g, rows) for a in
+                                (scores, protected, demoted, kept))
+        counts = jnp.concatenate([jnp.asarray(n_prunes[i], jnp.uint32).reshape(-1) for i in g])
+
+        def one(args, g=g):
+            x, pr, de, ke, n = args
+            lift = lambda a: None if a is None else a[None]
+            return _lowest_parts([x[None]], [lift(pr)], [lift(de)], [lift(ke)], n, [[0]],
+                                 wide, elementwise, keep, signed)[0][0]
+
+        if part.shape[0] == 1:
+            out.append(one((part[0], *(None if a is None else a[0] for a in (prot, dem, kep)),
+                            counts[0]))[None])
+        else:
+            out.append(lax.map(one, (part, prot, dem, kep, counts)))
+    return leaf_groups.unstack(out, groups, len(scores), rows)
