@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune import allocation, diagnostics, threshold
+from jaxprune import allocation, diagnostics, leaf_groups, threshold
 from jaxprune.tree import Where, leaves_with_paths, select
 
 PyTree = Any
@@ -226,10 +226,8 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
             protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
                          if bool(protect[i]) else jnp.zeros_like(xs[i], dtype=bool)
                          for i in range(len(xs))]
-        else:  # zeros_like keeps each leaf's sharding (both cond branches must match)
-            protected = [lax.cond(protect[i], lambda i=i: _top_entries(
-                xs[i], floors[i], kept[i], elementwise),
-                lambda i=i: jnp.zeros_like(xs[i], dtype=bool)) for i in range(len(xs))]
+        else:
+            protected = _protected_tops(xs, floors, kept, protect, elementwise)
         return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
 
     protect = jnp.zeros(len(xs), bool)
@@ -260,6 +258,32 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         ("short", over & jnp.any(protect), lambda short: None if not short.any() else
          "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
          "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+
+
+def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:
+    """``_top_entries`` of every leaf whose ``protect`` flag is set (all
+    False elsewhere), traced once per group of equal leaves: a ``lax.map``
+    over the group's rows with a ``lax.cond`` inside, so only protected
+    leaves pay for the bisection and the program does not grow with the
+    leaves."""
+    groups = leaf_groups.group_indices(xs, kept)
+    out = []
+    for g in groups:
+        x, kp = leaf_groups.stack(xs, g), leaf_groups.stack(kept, g)
+        floor = jnp.stack([jnp.asarray(floors[i], jnp.uint32) for i in g])
+        flag = protect[np.asarray(g)]
+
+        def one(args):
+            row, k, f, on = args
+            # zeros_like keeps the leaf's sharding (both cond branches must match)
+            return lax.cond(on, lambda: _top_entries(row, f, k, elementwise),
+                            lambda: jnp.zeros_like(row, dtype=bool))
+
+        if len(g) == 1:
+            out.append(one((x[0], None if kp is None else kp[0], floor[0], flag[0]))[None])
+        else:
+            out.append(lax.map(one, (x, kp, floor, flag)))
+    return leaf_groups.unstack(out, groups, len(xs))
 
 
 @functools.partial(jax.jit, static_argnums=3)  # eagerly: one program per leaf shape

@@ -225,27 +225,28 @@ def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
 _SPARE = 1024  # bins that take the entries not counted: see _leaf_histogram
 
 
-def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = True) -> jax.Array:
+def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread=True) -> jax.Array:
     """Histogram over ``bins`` of one leaf: ``index_of(keys)`` gives each
     key's bin (``>= bins``: not counted); large leaves are counted chunk by
     chunk.
 
     XLA:CPU scatters serially, one entry after the other. With ``spread`` (on
-    a single device), entries not counted land in ``_SPARE`` throw-away bins
-    chosen by column rather than being dropped: a drop is a branch, and a
-    random mix of counted and uncounted entries (say 30% of a layer already
-    pruned) would mispredict it constantly. When nearly all entries go
-    uncounted (later radix passes) dropping them is cheaper. On several
-    devices the histogram is all-reduced, so it stays 2**16 bins.
+    a single device; may be traced), entries not counted land in ``_SPARE``
+    throw-away bins chosen by column rather than being dropped: a drop is a
+    branch, and a random mix of counted and uncounted entries (say 30% of a
+    layer already pruned) would mispredict it constantly. When nearly all
+    entries go uncounted (later radix passes) dropping them is cheaper. On
+    several devices the histogram is all-reduced, so it stays 2**16 bins.
     """
-    spares = _SPARE if spread and not _strided() else 0
+    spares = 0 if _strided() else _SPARE
 
     def count(keys, hist):
         index = index_of(keys)
+        dropped = jnp.uint32(bins + spares)  # past the end: dropped
         if keys.ndim and spares:
-            uncounted = bins + _iota(keys, keys.ndim - 1) % spares
+            uncounted = jnp.where(spread, bins + _iota(keys, keys.ndim - 1) % spares, dropped)
         else:
-            uncounted = jnp.uint32(bins + spares)  # past the end: dropped
+            uncounted = dropped
         index = jnp.where(index < bins, index, uncounted)
         return _scatter_count(index.astype(jnp.int32), hist)
 
@@ -259,21 +260,48 @@ def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = Tr
     return hist[:bins]
 
 
-def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
-    """Histogram of the 16-bit digit at ``shift`` of one leaf's keys, counting
-    only keys whose higher bits equal ``prefix``. Key 0 (NaN or demoted, often
-    most entries once masks nest) is not counted: one shared counter would
-    serialise the scatter. ``_kth_key`` restores its count from the totals."""
+def _histogram(make_keys, leaf: int, shift, prefix, first) -> jax.Array:
+    """Histogram of the 16-bit digit at ``shift`` (traced) of one leaf's
+    keys, counting only keys whose higher bits equal ``prefix`` (all keys in
+    the ``first`` pass). Key 0 (NaN or demoted, often most entries once
+    masks nest) is not counted: one shared counter would serialise the
+    scatter. ``_kth_key`` restores its count from the totals."""
     def index_of(keys):
-        digit = (keys >> shift) & (_BINS - 1)
-        count = keys != 0
-        if prefix_shift < keys.dtype.itemsize * 8:
-            count = count & ((keys >> prefix_shift) == (prefix >> prefix_shift))
+        udt = keys.dtype
+        digit = (keys >> shift.astype(udt)) & udt.type(_BINS - 1)
+        high = shift.astype(udt) + udt.type(_DIGIT_BITS)
+        # first pass: the shift would be the key width (undefined), compare nothing
+        same = (keys >> jnp.where(first, 0, high).astype(udt)) == (
+            prefix >> jnp.where(first, 0, high).astype(udt))
+        count = (keys != 0) & (first | same)
         return jnp.where(count, digit, _BINS)  # _BINS: not counted
 
     # Pass 1 leaves out only key 0; later passes leave out all but one bucket.
-    first = prefix_shift >= make_keys.dtype.itemsize * 8
     return _leaf_histogram(make_keys, leaf, _BINS, index_of, spread=first)
+
+
+def _inclusive_sums(v: jax.Array) -> jax.Array:
+    """Exact prefix sums of a short uint32 vector as one masked reduction
+    (XLA:CPU lowers ``cumsum`` to a log-depth scan that is slow to compile)."""
+    i = jnp.arange(v.shape[0])
+    return jnp.sum(jnp.where(i[None, :] <= i[:, None], v[None, :], jnp.uint32(0)), axis=1,
+                   dtype=jnp.uint32)
+
+
+def _digit_at(hist: jax.Array, remaining) -> tuple[jax.Array, jax.Array]:
+    """The bin holding the entry of 0-based rank ``remaining`` of a 2**16-bin
+    histogram, and the count of all bins before it: the 256 rows of 256 bins
+    are searched first, then the bins of the one row."""
+    side = 1 << (_DIGIT_BITS // 2)
+    grid = hist.reshape(side, side)
+    rows_cum = _inclusive_sums(jnp.sum(grid, axis=1, dtype=jnp.uint32))
+    row = jnp.sum(rows_cum <= remaining, dtype=jnp.int32)  # rows wholly below the rank
+    row = jnp.minimum(row, side - 1)
+    rows_before = jnp.where(row > 0, rows_cum[jnp.maximum(row - 1, 0)], jnp.uint32(0))
+    in_row = _inclusive_sums(lax.dynamic_index_in_dim(grid, row, 0, keepdims=False))
+    col = jnp.minimum(jnp.sum(in_row + rows_before <= remaining, dtype=jnp.int32), side - 1)
+    before = rows_before + jnp.where(col > 0, in_row[jnp.maximum(col - 1, 0)], jnp.uint32(0))
+    return row * side + col, before
 
 
 def _kth_key(make_keys, rank):
@@ -282,28 +310,30 @@ def _kth_key(make_keys, rank):
 
     ``make_keys(i, ...)`` rebuilds leaf ``i``'s keys (or one chunk of them);
     rebuilding them in each pass lets XLA fuse the key computation into the
-    histogram instead of storing keys.
+    histogram instead of storing keys. The passes (one per 16 key bits) are
+    one loop: the program holds the counting code once.
     """
     udt = make_keys.dtype
     bits_n = udt.itemsize * 8
-    prefix = jnp.zeros((), udt)
-    remaining = jnp.asarray(rank, jnp.uint32)
-    below = jnp.zeros((), jnp.uint32)
-    equal = jnp.zeros((), jnp.uint32)
     # Entries whose higher digits equal the prefix: all of them in pass 1.
-    matching = jnp.uint32(sum(int(np.prod(s)) for s in make_keys.shapes))
-    for shift in range(bits_n - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        hist = sum(_histogram(make_keys, i, shift, prefix, shift + _DIGIT_BITS)
+    total = jnp.uint32(sum(int(np.prod(s)) for s in make_keys.shapes))
+
+    def one_pass(p, carry):
+        prefix, remaining, below, _, matching = carry
+        shift = jnp.uint32(bits_n - _DIGIT_BITS) - p.astype(jnp.uint32) * jnp.uint32(_DIGIT_BITS)
+        first = p == 0
+        hist = sum(_histogram(make_keys, i, shift, prefix, first)
                    for i in range(len(make_keys.shapes)))
         # Uncounted key-0 entries belong to digit 0 (non-zero only while prefix == 0).
         hist = hist.at[0].add(matching - jnp.sum(hist, dtype=jnp.uint32))
-        cum = jnp.cumsum(hist)
-        digit = jnp.searchsorted(cum, remaining, side="right")
-        before = jnp.where(digit > 0, cum[jnp.maximum(digit - 1, 0)], 0).astype(jnp.uint32)
-        remaining = remaining - before
-        below = below + before
-        prefix = prefix | (digit.astype(udt) << shift)
-        equal = matching = hist[digit]  # after the last pass: entries equal in every digit
+        digit, before = _digit_at(hist, remaining)
+        equal = hist[digit]
+        return (prefix | (digit.astype(udt) << shift.astype(udt)), remaining - before,
+                below + before, equal, equal)
+
+    start = (jnp.zeros((), udt), jnp.asarray(rank, jnp.uint32), jnp.zeros((), jnp.uint32),
+             jnp.zeros((), jnp.uint32), total)
+    prefix, _, below, equal, _ = lax.fori_loop(0, bits_n // _DIGIT_BITS, one_pass, start)
     return prefix, below, equal
 
 
