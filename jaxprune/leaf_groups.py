@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__: list[str] = []
 
@@ -73,7 +74,12 @@ def stack(arrays: Sequence[Optional[Any]], idx: Sequence[int],
         return jnp.asarray(first)
     if len(idx) == 1:
         return jnp.asarray(first)[None]
-    return jnp.stack([jnp.asarray(arrays[i]) for i in idx])
+    first = jnp.asarray(first)
+    at = opaque_indices(len(idx))
+    out = jnp.zeros((len(idx), *first.shape), first.dtype)
+    for j, i in enumerate(idx):
+        out = lax.dynamic_update_index_in_dim(out, jnp.asarray(arrays[i]), at[j], 0)
+    return out
 
 
 def unstack(parts: Sequence[jax.Array], groups: Sequence[Sequence[int]], n: int,
@@ -84,9 +90,21 @@ def unstack(parts: Sequence[jax.Array], groups: Sequence[Sequence[int]], n: int,
         if rows and rows[idx[0]]:
             out[idx[0]] = part
             continue
+        if len(idx) == 1:
+            out[idx[0]] = part[0]
+            continue
+        at = opaque_indices(len(idx))
         for j, i in enumerate(idx):
-            out[i] = part[j]
+            out[i] = lax.dynamic_index_in_dim(part, at[j], 0, keepdims=False)
     return out
+
+
+def opaque_indices(n: int) -> tuple:
+    """``0, ..., n - 1`` as scalars XLA cannot see through. Slicing row ``j``
+    of a stack with a constant ``j`` compiles one kernel per row (XLA:CPU
+    compiles each for ~0.1 s); with an opaque index the kernels are alike
+    and compiled once."""
+    return lax.optimization_barrier(tuple(jnp.int32(j) for j in range(n)))
 
 
 def row_counts(arrays: Sequence[Any], rows: Optional[Sequence[bool]] = None) -> list[int]:

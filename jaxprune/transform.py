@@ -250,11 +250,17 @@ def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array
     off = jnp.zeros(len(pairs), bool)
     if not pairs or not checks.params:
         return off, off
-    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for mk, p in pairs])
+    # One reduction per leaf for both flags: the program grows by one small
+    # loop per leaf, not two.
+    def code(mk, p):
+        finite = jnp.isfinite(p)
+        flags = [~mk & ~finite] + ([~mk & finite & (p != 0)] if checks.zeros else [])
+        return jnp.any(jnp.stack(flags), axis=tuple(range(1, p.ndim + 1)))
+
+    found = jnp.stack([code(mk, p) for mk, p in pairs])
     if not checks.zeros:
-        return nonfinite, off
-    moved = jnp.stack([jnp.any(~mk & (p != 0) & jnp.isfinite(p)) for mk, p in pairs])
-    return nonfinite, moved & check_step
+        return found[:, 0], off
+    return found[:, 0], found[:, 1] & check_step
 
 
 def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
@@ -298,11 +304,8 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         new_stats = crit.init(params) if crit.reset_after_update else stats
         return new, new_stats, from_rule
 
-    def checked(branch):
-        # Each branch reads the params under the current masks itself: reading
-        # them around the update would keep both mask sets alive (a copy).
+    def checked(branch, flags):
         def run():
-            flags = _param_checks(checks, params, state.masks, check_step)
             masks, new_stats, from_rule = branch()
             return masks, new_stats, dict(
                 sparsity=jnp.where(apply, requested, state.sparsity),
@@ -312,7 +315,10 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         return run
 
     def update_or_check():
-        return lax.cond(apply, checked(do_update), checked(lambda: (state.masks, stats, {})))
+        # Read once, before either branch: one copy of the checks in the program.
+        flags = _param_checks(checks, params, state.masks, check_step)
+        return lax.cond(apply, checked(do_update, flags),
+                        checked(lambda: (state.masks, stats, {}), flags))
 
     def ordinary():  # the bookkeeping passes through untouched
         return state.masks, stats, dict(sparsity=state.sparsity, last_update=state.last_update,
