@@ -148,6 +148,7 @@ class NBlock(nnx.Module):
         self.down = nnx.Linear(H, D, kernel_init=init, rngs=rngs)
 
 
+@pytest.mark.slow
 def test_scanned_nnx_transformer_gets_the_masks_of_its_unrolled_twin():
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -175,3 +176,48 @@ def test_bad_layer_axis_is_refused_naming_the_leaf():
         M.unstructured({"w": jnp.ones((2, 3))}, 0.5, layer_axis="0")
     with pytest.raises(ValueError, match="layer_axis applies to"):
         jaxprune.prune(sparsity=0.5, granularity="block", layer_axis=0)
+
+
+def test_lottery_local_round_prunes_each_layer_slice_like_the_unrolled_twin(linen_twins):
+    scanned, unrolled, axes = linen_twins
+    got = jaxprune.lottery.prune_round(scanned, None, 0.5, scope="local", where="kernel",
+                                       layer_axis=axes)
+    want = jaxprune.lottery.prune_round(unrolled, None, 0.5, scope="local", where="kernel")
+    _assert_same_per_layer(got, want)
+    got2 = jaxprune.lottery.prune_round(scanned, got, 0.5, scope="local", layer_axis=axes)
+    want2 = jaxprune.lottery.prune_round(unrolled, want, 0.5, scope="local")
+    _assert_same_per_layer(got2, want2)
+
+
+def _active_per_layer(masks):
+    stacked = masks["params"]["layers"]
+    return {jaxprune.tree.path_str(p): [int(np.asarray(m)[j].sum()) for j in range(L)]
+            for p, m in jax.tree_util.tree_flatten_with_path(stacked)[0]}
+
+
+@pytest.mark.slow
+def test_sparse_training_allocates_and_keeps_counts_per_layer_slice(linen_twins):
+    scanned, unrolled, axes = linen_twins
+    got = jaxprune.sparse_training.random_masks(scanned, 0.8, jax.random.key(0),
+                                                where="kernel", layer_axis=axes)
+    want = jaxprune.sparse_training.random_masks(unrolled, 0.8, jax.random.key(0),
+                                                 where="kernel")
+    counts = _active_per_layer(got)
+    for path, per_layer in counts.items():
+        for j in range(L):
+            twin = want["params"][f"layers_{j}"]
+            for key in path.split("/"):
+                twin = twin[key]
+            assert per_layer[j] == int(np.asarray(twin).sum()), (path, j)
+    tx = jaxprune.rigl(optax.sgd(0.1), 0.8, every=1, end=100, where="kernel", layer_axis=axes)
+    state = tx.init(scanned)
+    grads = jax.tree.map(lambda w: jax.random.normal(jax.random.key(3), w.shape), scanned)
+    @jax.jit
+    def step(p, s):
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    params, state = step(scanned, state)
+    params, state = step(params, state)  # step 1 drops and grows
+    before = _active_per_layer(jaxprune.masks_of(tx.init(scanned)))
+    assert _active_per_layer(jaxprune.masks_of(state)) == before
