@@ -285,24 +285,17 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
 
     protect = jnp.zeros(len(xs), bool)
-    if _static(sparsity):  # eager or traced: n_prune is a Python int here
+    concrete = _static(sparsity) and not any(isinstance(x, jax.core.Tracer) for x in xs) \
+        and not any(isinstance(d, jax.core.Tracer) for d in kept)
+    if concrete:  # eager: select, then protect only the leaves below, until none is
         keep = threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
         under = below(keep, protect)
-    if _static(sparsity) and not isinstance(under, jax.core.Tracer):
         while bool(under.any()):
             protect = protect | under
             keep = select(protect)
             under = below(keep, protect)
     else:
-        def body(carry):
-            protect, _, under, _ = carry
-            protect = protect | under
-            keep = select(protect)
-            return protect, keep, below(keep, protect), jnp.asarray(False)
-
-        start = (protect, [jnp.ones_like(x, dtype=bool) for x in xs],
-                 jnp.zeros(len(xs), bool), jnp.asarray(True))  # the first pass: no protection
-        protect, keep, _, _ = lax.while_loop(lambda c: c[3] | jnp.any(c[2]), body, start)
+        keep, protect = _guarded_loop(xs, floors, kept, elementwise, n_guarded)
     if min_density is not None:
         return keep, []  # an explicit floor was asked for: nothing to report
 
@@ -312,6 +305,48 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         ("short", over & jnp.any(protect), lambda short: None if not short.any() else
          "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
          "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+
+
+def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
+    """``_guarded``'s fixed point under ``jit``: one ``while_loop`` over
+    stacks of equal leaves (``jaxprune.leaf_groups``), stacked once outside
+    it, whose body holds the only copy of the selection (its first pass
+    protects nothing). Kept counts and protection flags are vectors per
+    stack, so the loop carries a few arrays, not one per leaf. Returns the
+    keep-masks per leaf and the protection flags in leaf order."""
+    groups = leaf_groups.group_indices(xs, kept)
+    px = [leaf_groups.stack(xs, g) for g in groups]
+    pk = [leaf_groups.stack(kept, g) for g in groups]
+    pf = [jnp.stack([jnp.asarray(floors[i], jnp.uint32) for i in g]) for g in groups]
+
+    def tops(x, k, f, on):
+        def one(args):
+            row, kr, fr, o = args
+            # zeros_like keeps the leaf's sharding (both cond branches must match)
+            return lax.cond(o, lambda: _top_entries(row, fr, kr, elementwise),
+                            lambda: jnp.zeros_like(row, dtype=bool))
+        if x.shape[0] == 1:
+            return one((x[0], None if k is None else k[0], f[0], on[0]))[None]
+        return lax.map(one, (x, k, f, on))
+
+    def below(keep, protect):
+        return [(jnp.sum(k.reshape(k.shape[0], -1), axis=1, dtype=jnp.uint32) < f) & ~p
+                for k, f, p in zip(keep, pf, protect)]
+
+    def body(carry):
+        protect, _, under, _ = carry
+        protect = [p | u for p, u in zip(protect, under)]
+        protected = [tops(x, k, f, p) for x, k, f, p in zip(px, pk, pf, protect)]
+        keep = threshold._select_parts(px, groups, n_guarded, protected, pk, elementwise,
+                                       keep=True)
+        return protect, keep, below(keep, protect), jnp.asarray(False)
+
+    none = [jnp.zeros(len(g), bool) for g in groups]
+    start = (none, [jnp.ones_like(x, dtype=bool) for x in px], none, jnp.asarray(True))
+    protect, keep, _, _ = lax.while_loop(
+        lambda c: c[3] | jnp.any(jnp.concatenate(c[2])), body, start)
+    order = np.argsort(np.concatenate([np.asarray(g) for g in groups]), kind="stable")
+    return (leaf_groups.unstack(keep, groups, len(xs)), jnp.concatenate(protect)[order])
 
 
 def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:

@@ -466,6 +466,19 @@ def _select_each(scores, n_prunes, kept=None, elementwise=None, keep: bool = Fal
     return out
 
 
+def _select_parts(parts, groups, n_prune, protected, kept, elementwise, keep: bool):
+    """``_select`` on stacks of equal leaves (``jaxprune.leaf_groups``) that
+    the caller keeps stacked across calls (the layer-collapse guard's loop);
+    returns the stacked masks."""
+    ranked = parts if elementwise is None else [jax.eval_shape(elementwise, p) for p in parts]
+    wide = any(jnp.dtype(r.dtype).itemsize > 4 for r in ranked)
+    signed = _check_one_kind([r.dtype for r in ranked])
+    total = sum(int(np.prod(p.shape)) for p in parts)
+    n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
+    return _lowest_parts(parts, protected, [None] * len(parts), kept, n_prune, groups, wide,
+                         elementwise, keep, signed)
+
+
 def _as_score_arrays(scores, names: Optional[Sequence[str]] = None) -> list[jax.Array]:
     """``jnp.asarray`` of each score, warning when float64 scores are cut to
     float32 because x64 is off (near-equal values would then tie)."""
