@@ -62,6 +62,13 @@ def group_indices(arrays: Sequence[Any], *optional: Sequence[Optional[Any]],
     return out
 
 
+def _explicitly_sharded(x: Any) -> bool:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    return bool(mesh is not None and not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
+
+
 def stack(arrays: Sequence[Optional[Any]], idx: Sequence[int],
           rows: Optional[Sequence[bool]] = None) -> Optional[jax.Array]:
     """The arrays ``idx`` as one ``(len(idx), *shape)`` array (None if they
@@ -75,6 +82,8 @@ def stack(arrays: Sequence[Optional[Any]], idx: Sequence[int],
     if len(idx) == 1:
         return jnp.asarray(first)[None]
     first = jnp.asarray(first)
+    if _explicitly_sharded(first):  # sharding in types: let jnp.stack spell out the layout
+        return jnp.stack([jnp.asarray(arrays[i]) for i in idx])
     at = opaque_indices(len(idx))
     out = jnp.zeros((len(idx), *first.shape), first.dtype)
     for j, i in enumerate(idx):

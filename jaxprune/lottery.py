@@ -153,7 +153,7 @@ def _prune_round(params: PyTree, masks: PyTree, fraction: jax.Array, scope: str,
         ms = [m if a is None else jnp.moveaxis(m, a, 0) for (m, _), a in zip(picked, axes)]
         scores = [s if a is None else jnp.moveaxis(s, a, 0) for (_, s), a in zip(picked, axes)]
         counts = [count([m]) if a is None else threshold.prune_count(
-            fraction, jnp.sum(m.reshape(m.shape[0], -1), axis=1, dtype=jnp.int32))
+            fraction, jnp.sum(m, axis=tuple(range(1, m.ndim)), dtype=jnp.int32))
             for m, a in zip(ms, axes)]
         gone = threshold._select_each(scores, counts, protected=[~m for m in ms],
                                       rows=[a is not None for a in axes])

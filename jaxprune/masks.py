@@ -330,7 +330,7 @@ def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
         return lax.map(one, (x, k, f, on))
 
     def below(keep, protect):
-        return [(jnp.sum(k.reshape(k.shape[0], -1), axis=1, dtype=jnp.uint32) < f) & ~p
+        return [(jnp.sum(k, axis=tuple(range(1, k.ndim)), dtype=jnp.uint32) < f) & ~p
                 for k, f, p in zip(keep, pf, protect)]
 
     def body(carry):
