@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jaxprune import threshold
 from jaxprune.allocation import check_sparsity
 from jaxprune.apply import apply_masks
-from jaxprune.tree import Where, check_same_structure, is_mask_leaf, leaves_with_paths, select
+from jaxprune.tree import (LayerAxis, Where, check_same_structure, is_mask_leaf, layer_axes,
+                           leaves_with_paths, select)
 
 PyTree = Any
 
@@ -79,7 +80,8 @@ def _check_masks(params: PyTree, masks: PyTree) -> None:
 
 
 def prune_round(params: PyTree, masks: Optional[PyTree], fraction: Union[float, jax.Array], *,
-                scope: str = "global", where: Where = None) -> PyTree:
+                scope: str = "global", where: Where = None,
+                layer_axis: LayerAxis = None) -> PyTree:
     """One round of iterative magnitude pruning (Frankle & Carbin 2019; Han
     et al. 2015): prunes ``fraction`` of the weights that ``masks`` still
     keeps, those of smallest ``|w|`` in ``params``; pruned entries stay
@@ -99,6 +101,10 @@ def prune_round(params: PyTree, masks: Optional[PyTree], fraction: Union[float, 
       fraction: share of the remaining weights to prune, in [0, 1].
       scope: "global" (one ranking over all leaves) or "local" (per leaf).
       where: leaf selector, used only when ``masks`` is None.
+      layer_axis: stacked (scanned) layers, as in
+        ``jaxprune.masks.unstructured``: with ``scope="local"`` every layer
+        slice loses ``round(fraction * R_slice)``, as if it were a leaf of
+        its own (the global ranking is per entry and does not change).
 
     >>> import jax.numpy as jnp
     >>> w = {"w": jnp.array([[4.0, -1.0], [3.0, 2.0]])}
@@ -116,15 +122,20 @@ def prune_round(params: PyTree, masks: Optional[PyTree], fraction: Union[float, 
     _check_masks(params, masks)
     if not _any_mask(masks):
         raise ValueError("masks select no leaf; nothing to prune")
-    return _prune_round(params, masks, jnp.asarray(fraction, jnp.float32), scope)
+    flat_masks, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
+    items = [(p, x) for (p, x), m in zip(leaves_with_paths(treedef.unflatten(
+        treedef.flatten_up_to(params))), flat_masks) if m is not None]
+    axes = tuple(layer_axes(items, layer_axis)) if scope == "local" else None
+    return _prune_round(params, masks, jnp.asarray(fraction, jnp.float32), scope, axes)
 
 
 def _any_mask(masks: PyTree) -> bool:
     return any(m is not None for m in jax.tree.leaves(masks, is_leaf=_is_none))
 
 
-@functools.partial(jax.jit, static_argnames="scope")
-def _prune_round(params: PyTree, masks: PyTree, fraction: jax.Array, scope: str) -> PyTree:
+@functools.partial(jax.jit, static_argnames=("scope", "axes"))
+def _prune_round(params: PyTree, masks: PyTree, fraction: jax.Array, scope: str,
+                 axes: Optional[tuple] = None) -> PyTree:
     # One compiled program per model: eager IMP loops do not dispatch op by op.
     flat_masks, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
     flat_params = treedef.flatten_up_to(params)
@@ -137,8 +148,16 @@ def _prune_round(params: PyTree, masks: PyTree, fraction: jax.Array, scope: str)
         ms, scores = [m for m, _ in picked], [s for _, s in picked]
         # Pruned entries are protected: they rank above every remaining score.
         gone = threshold.lowest(scores, count(ms), protected=[~m for m in ms])
-    else:
-        gone = [threshold.lowest([s], count([m]), protected=[~m])[0] for m, s in picked]
+    else:  # one selection per leaf (per layer slice of a stacked leaf)
+        axes = axes or (None,) * len(picked)
+        ms = [m if a is None else jnp.moveaxis(m, a, 0) for (m, _), a in zip(picked, axes)]
+        scores = [s if a is None else jnp.moveaxis(s, a, 0) for (_, s), a in zip(picked, axes)]
+        counts = [count([m]) if a is None else threshold.prune_count(
+            fraction, jnp.sum(m, axis=tuple(range(1, m.ndim)), dtype=jnp.int32))
+            for m, a in zip(ms, axes)]
+        gone = threshold._select_each(scores, counts, protected=[~m for m in ms],
+                                      rows=[a is not None for a in axes])
+        gone = [g if a is None else jnp.moveaxis(g, 0, a) for g, a in zip(gone, axes)]
     new = iter(m & ~g for (m, _), g in zip(picked, gone))
     return jax.tree.unflatten(treedef, [None if m is None else next(new) for m in flat_masks])
 
@@ -167,7 +186,7 @@ class Round(NamedTuple):
 
 def imp(train_fn: Callable[[PyTree, PyTree], PyTree], params: PyTree, *, rounds: int,
         fraction: float, rewind_params: Optional[PyTree] = None, scope: str = "global",
-        where: Where = None) -> list[Round]:
+        where: Where = None, layer_axis: LayerAxis = None) -> list[Round]:
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019;
     step-k rewinding: Frankle et al. 2020).
 
@@ -191,7 +210,7 @@ def imp(train_fn: Callable[[PyTree, PyTree], PyTree], params: PyTree, *, rounds:
       rounds: number of prune-and-rewind rounds (>= 1).
       fraction: share of the remaining weights pruned per round.
       rewind_params: weights survivors are reset to (default ``params``).
-      scope, where: as in ``prune_round``.
+      scope, where, layer_axis: as in ``prune_round``.
 
     Returns:
       ``[Round(trained, masks, ticket), ...]``, one per round.
@@ -213,7 +232,7 @@ def imp(train_fn: Callable[[PyTree, PyTree], PyTree], params: PyTree, *, rounds:
     history = []
     for _ in range(rounds):
         trained = train_fn(current, masks)
-        masks = prune_round(trained, masks, fraction, scope=scope)
+        masks = prune_round(trained, masks, fraction, scope=scope, layer_axis=layer_axis)
         current = rewind(rewind_params, masks)
         history.append(Round(trained, masks, current))
     return history

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune import allocation, diagnostics, threshold
-from jaxprune.tree import Where, leaves_with_paths, select
+from jaxprune import allocation, diagnostics, leaf_groups, threshold
+from jaxprune.tree import LayerAxis, Where, layer_axes, leaves_with_paths, select
 
 PyTree = Any
 Sparsity = Union[float, jax.Array, Mapping[str, float]]
@@ -148,23 +148,44 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
                   min_density: Optional[float] = None,
                   kept: Optional[Sequence[Optional[jax.Array]]] = None,
                   elementwise: Optional[Callable] = None, signed: bool = False,
-                  reporter: Optional[diagnostics.Reporter] = None) -> list[jax.Array]:
+                  reporter: Optional[diagnostics.Reporter] = None,
+                  axes: Optional[Sequence[Optional[int]]] = None) -> list[jax.Array]:
     """Keep-masks (True = keep) for a list of score arrays; the shared engine
     of unstructured, block and channel masks. Entries where ``kept`` is False
     rank lowest, and ``elementwise`` maps the arrays to scores inside the
-    threshold passes (see ``threshold.lowest``)."""
+    threshold passes (see ``threshold.lowest``). ``axes[i]`` (a layer axis
+    or None) makes every slice of leaf ``i`` along it a leaf of its own."""
     reporter = reporter or diagnostics.Reporter()
     check_options(scope, normalize, min_density)
     kept = list(kept) if kept is not None else [None] * len(xs)
+    axes = list(axes) if axes is not None else [None] * len(xs)
+    if scope == "global" and any(a is not None for a in axes):
+        return _global_per_layer(paths, xs, sparsity, distribution, normalize, min_density,
+                                 kept, elementwise, signed, reporter, axes)
     if scope == "local":
-        per_leaf = allocation.allocate(sparsity, distribution, paths,
-                                       [tuple(x.shape) for x in xs])
+        # A stacked leaf's layers are rows of their own (layer axis moved first).
+        rows = [a is not None for a in axes]
+        moved = [x if a is None else jnp.moveaxis(x, a, 0) for x, a in zip(xs, axes)]
+        kept_moved = [d if d is None or a is None else jnp.moveaxis(d, a, 0)
+                      for d, a in zip(kept, axes)]
+        vpaths, vshapes, owner = [], [], []
+        for i, (p, x) in enumerate(zip(paths, moved)):
+            n = x.shape[0] if rows[i] else 1
+            vpaths += [p] * n
+            vshapes += [tuple(x.shape[1:]) if rows[i] else tuple(x.shape)] * n
+            owner += [i] * n
+        per_slice = allocation.allocate(sparsity, distribution, vpaths, vshapes)
         if not isinstance(sparsity, Mapping) and not isinstance(distribution, Mapping):
             _checked_sparsity(sparsity, reporter)
         reporter.report([_negative_check(paths, xs, elementwise, signed)])
-        return [threshold._select([x], threshold.prune_count(s, x.size), None, None, [d],
-                                  elementwise, keep=True)[0]
-                for x, s, d in zip(xs, per_leaf, kept)]
+        counts: list = [[] for _ in xs]
+        for i, s, shape in zip(owner, per_slice, vshapes):
+            counts[i].append(threshold.prune_count(s, int(np.prod(shape))))
+        counts = [c[0] if not r else jnp.stack([jnp.asarray(v, jnp.uint32) for v in c])
+                  for c, r in zip(counts, rows)]
+        keep = threshold._select_each(moved, counts, kept_moved, elementwise, keep=True,
+                                      rows=rows)
+        return [k if a is None else jnp.moveaxis(k, 0, a) for k, a in zip(keep, axes)]
     if isinstance(sparsity, Mapping) or distribution != "uniform":
         raise ValueError("scope='global' ranks all leaves by one threshold; per-leaf "
                          "sparsity mappings and distribution='erk' need scope='local'")
@@ -184,6 +205,39 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
                                   n_prune, total)
     reporter.report(checks + guard_checks)
     return keep
+
+
+def _global_per_layer(paths, xs, sparsity, distribution, normalize, min_density, kept,
+                      elementwise, signed, reporter, axes):
+    """Global scope with stacked leaves: every layer slice takes part as a
+    leaf of its own (named ``path[j]``), so the layer-collapse guard and
+    ``normalize`` act per layer; the masks are stacked back."""
+    vpaths, vxs, vkept, spans = [], [], [], []
+    for p, x, d, a in zip(paths, xs, kept, axes):
+        if a is None:
+            vpaths.append(p), vxs.append(x), vkept.append(d), spans.append(1)
+            continue
+        n = x.shape[a]
+        vpaths += [f"{p}[{j}]" for j in range(n)]
+        vxs += [lax.index_in_dim(x, j, a, keepdims=False) for j in range(n)]
+        vkept += [None if d is None else lax.index_in_dim(d, j, a, keepdims=False)
+                  for j in range(n)]
+        spans.append(n)
+    # Warnings name the layer (path[j]); collected flags are per leaf (any layer).
+    inner = diagnostics.Reporter(collect=True, sparsity_valid=reporter.sparsity_valid) \
+        if reporter.collect else reporter
+    keep = _prune_leaves(vpaths, vxs, sparsity, "global", distribution, normalize, min_density,
+                         vkept, elementwise, signed, inner)
+    if reporter.collect:
+        bounds = np.cumsum([0] + spans)
+        reporter.report([(kind, flags if jnp.ndim(flags) == 0 or flags.shape[0] != len(vxs) else
+                          jnp.stack([jnp.any(flags[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]),
+                          None) for kind, flags in inner.found.items()])
+    out, start = [], 0
+    for n, a in zip(spans, axes):
+        out.append(keep[start] if a is None else jnp.stack(keep[start:start + n], axis=a))
+        start += n
+    return out
 
 
 def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total):
@@ -226,31 +280,22 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
             protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
                          if bool(protect[i]) else jnp.zeros_like(xs[i], dtype=bool)
                          for i in range(len(xs))]
-        else:  # zeros_like keeps each leaf's sharding (both cond branches must match)
-            protected = [lax.cond(protect[i], lambda i=i: _top_entries(
-                xs[i], floors[i], kept[i], elementwise),
-                lambda i=i: jnp.zeros_like(xs[i], dtype=bool)) for i in range(len(xs))]
+        else:
+            protected = _protected_tops(xs, floors, kept, protect, elementwise)
         return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
 
     protect = jnp.zeros(len(xs), bool)
-    if _static(sparsity):  # eager or traced: n_prune is a Python int here
+    concrete = _static(sparsity) and not any(isinstance(x, jax.core.Tracer) for x in xs) \
+        and not any(isinstance(d, jax.core.Tracer) for d in kept)
+    if concrete:  # eager: select, then protect only the leaves below, until none is
         keep = threshold._select(xs, n_prune, None, None, kept, elementwise, keep=True)
         under = below(keep, protect)
-    if _static(sparsity) and not isinstance(under, jax.core.Tracer):
         while bool(under.any()):
             protect = protect | under
             keep = select(protect)
             under = below(keep, protect)
     else:
-        def body(carry):
-            protect, _, under, _ = carry
-            protect = protect | under
-            keep = select(protect)
-            return protect, keep, below(keep, protect), jnp.asarray(False)
-
-        start = (protect, [jnp.ones_like(x, dtype=bool) for x in xs],
-                 jnp.zeros(len(xs), bool), jnp.asarray(True))  # the first pass: no protection
-        protect, keep, _, _ = lax.while_loop(lambda c: c[3] | jnp.any(c[2]), body, start)
+        keep, protect = _guarded_loop(xs, floors, kept, elementwise, n_guarded)
     if min_density is not None:
         return keep, []  # an explicit floor was asked for: nothing to report
 
@@ -260,6 +305,74 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         ("short", over & jnp.any(protect), lambda short: None if not short.any() else
          "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
          "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+
+
+def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
+    """``_guarded``'s fixed point under ``jit``: one ``while_loop`` over
+    stacks of equal leaves (``jaxprune.leaf_groups``), stacked once outside
+    it, whose body holds the only copy of the selection (its first pass
+    protects nothing). Kept counts and protection flags are vectors per
+    stack, so the loop carries a few arrays, not one per leaf. Returns the
+    keep-masks per leaf and the protection flags in leaf order."""
+    groups = leaf_groups.group_indices(xs, kept)
+    px = [leaf_groups.stack(xs, g) for g in groups]
+    pk = [leaf_groups.stack(kept, g) for g in groups]
+    pf = [jnp.stack([jnp.asarray(floors[i], jnp.uint32) for i in g]) for g in groups]
+
+    def tops(x, k, f, on):
+        def one(args):
+            row, kr, fr, o = args
+            # zeros_like keeps the leaf's sharding (both cond branches must match)
+            return lax.cond(o, lambda: _top_entries(row, fr, kr, elementwise),
+                            lambda: jnp.zeros_like(row, dtype=bool))
+        if x.shape[0] == 1:
+            return one((x[0], None if k is None else k[0], f[0], on[0]))[None]
+        return lax.map(one, (x, k, f, on))
+
+    def below(keep, protect):
+        return [(jnp.sum(k, axis=tuple(range(1, k.ndim)), dtype=jnp.uint32) < f) & ~p
+                for k, f, p in zip(keep, pf, protect)]
+
+    def body(carry):
+        protect, _, under, _ = carry
+        protect = [p | u for p, u in zip(protect, under)]
+        protected = [tops(x, k, f, p) for x, k, f, p in zip(px, pk, pf, protect)]
+        keep = threshold._select_parts(px, groups, n_guarded, protected, pk, elementwise,
+                                       keep=True)
+        return protect, keep, below(keep, protect), jnp.asarray(False)
+
+    none = [jnp.zeros(len(g), bool) for g in groups]
+    start = (none, [jnp.ones_like(x, dtype=bool) for x in px], none, jnp.asarray(True))
+    protect, keep, _, _ = lax.while_loop(
+        lambda c: c[3] | jnp.any(jnp.concatenate(c[2])), body, start)
+    order = np.argsort(np.concatenate([np.asarray(g) for g in groups]), kind="stable")
+    return (leaf_groups.unstack(keep, groups, len(xs)), jnp.concatenate(protect)[order])
+
+
+def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:
+    """``_top_entries`` of every leaf whose ``protect`` flag is set (all
+    False elsewhere), traced once per group of equal leaves: a ``lax.map``
+    over the group's rows with a ``lax.cond`` inside, so only protected
+    leaves pay for the bisection and the program does not grow with the
+    leaves."""
+    groups = leaf_groups.group_indices(xs, kept)
+    out = []
+    for g in groups:
+        x, kp = leaf_groups.stack(xs, g), leaf_groups.stack(kept, g)
+        floor = jnp.stack([jnp.asarray(floors[i], jnp.uint32) for i in g])
+        flag = protect[np.asarray(g)]
+
+        def one(args):
+            row, k, f, on = args
+            # zeros_like keeps the leaf's sharding (both cond branches must match)
+            return lax.cond(on, lambda: _top_entries(row, f, k, elementwise),
+                            lambda: jnp.zeros_like(row, dtype=bool))
+
+        if len(g) == 1:
+            out.append(one((x[0], None if kp is None else kp[0], floor[0], flag[0]))[None])
+        else:
+            out.append(lax.map(one, (x, kp, floor, flag)))
+    return leaf_groups.unstack(out, groups, len(xs))
 
 
 @functools.partial(jax.jit, static_argnums=3)  # eagerly: one program per leaf shape
@@ -314,7 +427,7 @@ def _static(*values) -> bool:
 def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
                  where: Where = None, distribution: Any = "uniform",
                  normalize: Optional[str] = None, min_density: Optional[float] = None,
-                 signed: bool = False) -> PyTree:
+                 signed: bool = False, layer_axis: LayerAxis = None) -> PyTree:
     """Unstructured masks keeping the highest scores (magnitude pruning: Han et
     al. 2015; global ranking with LAMP normalisation: Lee et al. 2021; ERK
     allocation: Evci et al. 2020).
@@ -338,6 +451,14 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
       signed: the scores are signed on purpose (movement pruning). Without
         it, negative scores warn: raw weights were probably passed where
         ``jaxprune.scores.magnitude(params)`` was meant.
+      layer_axis: for stacked (scanned) layers, the axis of a leaf that
+        indexes layers: an int for every selected leaf, a mapping
+        ``{path_regex: axis}`` or a callable ``(path, leaf) -> axis | None``
+        (``jaxprune.tree.scan_axes(variables)`` reads it from Flax
+        ``nn.scan`` / ``nnx.vmap`` partitioning metadata). Every slice along
+        it is then pruned exactly as if it were a leaf of its own: local
+        counts and ERK/uniform allocation per layer, and under global scope
+        the layer-collapse guard (``min_density``) per layer.
 
     Layer collapse: one global threshold over magnitudes can empty a whole
     layer whose weights are small at initialisation, which disconnects the
@@ -359,16 +480,19 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
     >>> m = unstructured({"w": jnp.array([[3.0, 1.0], [2.0, 4.0]])}, 0.5)
     >>> m["w"].tolist()
     [[True, False], [False, True]]
+    >>> unstructured({"w": jnp.array([[3.0, 1.0], [2.0, 4.0]])}, 0.5, layer_axis=0)["w"].tolist()
+    [[True, False], [False, True]]
     """
     return _unstructured(scores, sparsity, scope, where, distribution, normalize, min_density,
-                         signed=signed)
+                         signed=signed, layer_axis=layer_axis)
 
 
 def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
                   distribution: Any, normalize: Optional[str], min_density: Optional[float],
                   kept: Optional[PyTree] = None,
                   elementwise: Optional[Callable] = None, signed: bool = False,
-                  reporter: Optional[diagnostics.Reporter] = None) -> PyTree:
+                  reporter: Optional[diagnostics.Reporter] = None,
+                  layer_axis: LayerAxis = None) -> PyTree:
     """``unstructured`` where entries with ``kept`` False (a mask-like tree)
     rank lowest and ``elementwise`` maps the leaves of ``scores`` to scores
     inside the threshold passes (``jnp.abs`` on params: magnitude pruning
@@ -381,7 +505,7 @@ def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
         kept_leaves = [d for d, c in zip(flat, chosen) if c]
     keep = _prune_leaves(paths, [x for _, x in picked], sparsity, scope,
                          distribution, normalize, min_density, kept_leaves, elementwise,
-                         signed, reporter)
+                         signed, reporter, layer_axes(picked, layer_axis))
     return _rebuild(treedef, chosen, keep)
 
 
@@ -398,7 +522,7 @@ def reduction_axis(ndim: int) -> int:
 
 
 def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: Optional[int] = None,
-           where: Where = None, *, signed: bool = False) -> PyTree:
+           where: Where = None, *, signed: bool = False, layer_axis: LayerAxis = None) -> PyTree:
     """N:M semi-structured masks: exactly ``n`` of every ``m`` consecutive
     entries along ``axis`` are kept (Mishra et al. 2021, "Accelerating Sparse
     Deep Neural Networks"; Zhou et al. 2021).
@@ -415,16 +539,22 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: Optional[int] = None,
     >>> n_of_m({"w": jnp.array([[1.0], [4.0], [2.0], [3.0]])}, 2, 4)["w"].ravel().tolist()
     [False, True, False, True]
     """
-    return _n_of_m(scores, n, m, axis, where, signed)
+    return _n_of_m(scores, n, m, axis, where, signed, layer_axis=layer_axis)
 
 
-def _n_of_m(scores, n, m, axis, where, signed, reporter=None) -> PyTree:
+def _n_of_m(scores, n, m, axis, where, signed, reporter=None, layer_axis=None) -> PyTree:
     if not (isinstance(n, int) and isinstance(m, int)) or m < 1 or not 0 <= n <= m:
         raise ValueError(f"n_of_m needs integers 0 <= n <= m and m >= 1, got n={n}, m={m}")
     picked, chosen, treedef = _selected(scores, where)
     out = []
-    for path, x in picked:
-        ax = reduction_axis(x.ndim) if axis is None else _axis(path, x.ndim, axis, "n_of_m")
+    for (path, x), layer in zip(picked, layer_axes(picked, layer_axis)):
+        if axis is not None:
+            ax = _axis(path, x.ndim, axis, "n_of_m")
+        elif layer is None:
+            ax = reduction_axis(x.ndim)
+        else:  # the reduction axis of one layer slice, counted in the stacked leaf
+            ax = reduction_axis(x.ndim - 1)
+            ax = ax + 1 if ax >= layer else ax
         if x.shape[ax] % m:
             what = (f"its reduction axis {ax} (the default)" if axis is None
                     else f"axis {axis}")

@@ -29,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jaxprune import allocation, threshold
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion
 from jaxprune.schedules import SparsitySchedule
 from jaxprune.transform import MaskRule, _Checks, _prune, pruned, schedule_rule
-from jaxprune.tree import Where, check_same_structure, is_mask_leaf, leaves_with_paths, select
+from jaxprune.tree import (LayerAxis, Where, check_same_structure, is_mask_leaf, layer_axes,
+                           leaves_with_paths, select)
 
 PyTree = Any
 DropFraction = Union[float, Callable[[jax.Array], jax.Array]]
@@ -55,11 +57,14 @@ def _map_masks(fn: Callable, masks: PyTree, *trees: PyTree) -> PyTree:
 
 
 def random_masks(params: PyTree, sparsity: Any, key: jax.Array, *,
-                 distribution: Any = "erk", where: Where = None) -> PyTree:
+                 distribution: Any = "erk", where: Where = None,
+                 layer_axis: LayerAxis = None) -> PyTree:
     """Random masks with exactly ``round(s_leaf * n_leaf)`` pruned entries per
     leaf, ``s_leaf`` from ``distribution`` ("erk": Evci et al. 2020; "uniform";
     or ``{path_regex: sparsity}``). The initial masks of RigL, SET and static
-    sparse training.
+    sparse training. With ``layer_axis`` (as in
+    ``jaxprune.masks.unstructured``) each layer slice of a stacked leaf is
+    allocated and counted as a leaf of its own.
 
     >>> import jax, jax.numpy as jnp
     >>> m = random_masks({"w": jnp.ones((4, 4))}, 0.75, jax.random.key(0),
@@ -69,18 +74,35 @@ def random_masks(params: PyTree, sparsity: Any, key: jax.Array, *,
     """
     chosen = select(params, where)
     items = leaves_with_paths(params)
-    picked = [(path, jnp.shape(x)) for (path, x), c in zip(items, chosen) if c]
-    per_leaf = iter(allocation.allocate(sparsity, distribution, [p for p, _ in picked],
-                                        [s for _, s in picked]))
+    picked = [(path, x) for (path, x), c in zip(items, chosen) if c]
+    axes = layer_axes(picked, layer_axis)
+    # One allocation over every layer slice (a stacked leaf counts its layers).
+    vpaths, vshapes = [], []
+    for (path, x), a in zip(picked, axes):
+        shape = tuple(jnp.shape(x))
+        n = 1 if a is None else shape[a]
+        vpaths += [path] * n
+        vshapes += [shape if a is None else shape[:a] + shape[a + 1:]] * n
+    per_slice = iter(allocation.allocate(sparsity, distribution, vpaths, vshapes))
     keys = iter(jax.random.split(key, len(picked)))
+    leaf_axes = iter(axes)
     out = []
     for (_, x), c in zip(items, chosen):
         if not c:
             out.append(None)
             continue
-        n = int(np.prod(jnp.shape(x)))
-        n_keep = n - threshold.prune_count(next(per_leaf), n)
-        out.append(_random_mask(next(keys), n_keep, tuple(jnp.shape(x))))
+        a, k, shape = next(leaf_axes), next(keys), tuple(jnp.shape(x))
+        if a is None:
+            n = int(np.prod(shape))
+            out.append(_random_mask(k, n - threshold.prune_count(next(per_slice), n), shape))
+            continue
+        inner = shape[:a] + shape[a + 1:]
+        n = int(np.prod(inner))
+        keep = jnp.stack([jnp.asarray(n - threshold.prune_count(next(per_slice), n))
+                          for _ in range(shape[a])])
+        layers = jax.vmap(lambda kk, nk: _random_mask(kk, nk, inner))(
+            jax.random.split(k, shape[a]), keep)
+        out.append(jnp.moveaxis(layers, 0, a))
     return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
@@ -129,7 +151,8 @@ def fixed_masks(inner: optax.GradientTransformation,
 
 def static_sparse(inner: optax.GradientTransformation, sparsity: Any, *,
                   distribution: Any = "erk", where: Where = None,
-                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                  seed: int = 0, layer_axis: LayerAxis = None
+                  ) -> optax.GradientTransformationExtraArgs:
     """Static sparse training: a random mask drawn at ``init`` with per-leaf
     sparsity from ``distribution`` (ERK by default) and never changed -- the
     "static" baseline of Evci et al. 2020 (RigL; Mocanu et al. 2018 for
@@ -141,6 +164,8 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: Any, *,
       distribution: "erk", "uniform" or ``{path_regex: sparsity}``.
       where: which leaves are sparse (see ``jaxprune.tree``).
       seed: PRNG seed of the mask.
+      layer_axis: stacked (scanned) layers, allocated per layer slice (as in
+        ``jaxprune.masks.unstructured``).
 
     >>> import jax.numpy as jnp, optax, jaxprune
     >>> tx = static_sparse(optax.adam(1e-3), 0.75, distribution="uniform")
@@ -152,7 +177,7 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: Any, *,
 
     def init_masks(params, selected, key):
         return random_masks(params, sparsity, key, distribution=distribution,
-                            where=_selected_tree(params, selected))
+                            where=_selected_tree(params, selected), layer_axis=layer_axis)
 
     rule = MaskRule(_NO_SCORE, _never, _keep, init_masks=init_masks)
     return pruned(inner, rule=rule, where=where, seed=seed)
@@ -222,7 +247,8 @@ def _update_steps(every: int, end: Optional[int]) -> Callable[[jax.Array], jax.A
 
 
 def _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, seed,
-             grow: str, cosine: bool) -> optax.GradientTransformationExtraArgs:
+             grow: str, cosine: bool, layer_axis: LayerAxis = None
+             ) -> optax.GradientTransformationExtraArgs:
     _check_overall(sparsity)
     fraction_at = _drop_fraction_fn(drop_fraction, end, cosine)
 
@@ -237,12 +263,22 @@ def _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, se
     def update(masks, scores, count, key):
         frac = jnp.asarray(fraction_at(count), jnp.float32)
         drop_scores, grow_scores = scores
-        return _map_masks(lambda m, d, gr: drop_and_grow(m, d, gr, frac),
-                          masks, drop_scores, grow_scores)
+        items = [(p, m) for p, m in leaves_with_paths(masks, keep_none=True) if m is not None]
+        axes = iter(layer_axes(items, layer_axis))
+
+        def one(m, d, gr):
+            a = next(axes)
+            if a is None:
+                return drop_and_grow(m, d, gr, frac)
+            moved = [jnp.moveaxis(v, a, 0) for v in (m, d, gr)]
+            # One drop-and-grow per layer slice, in a loop (one copy in the program).
+            out = lax.map(lambda t: drop_and_grow(*t, frac), tuple(moved))
+            return jnp.moveaxis(out, 0, a)
+        return _map_masks(one, masks, drop_scores, grow_scores)
 
     def init_masks(params, selected, key):
         return random_masks(params, sparsity, key, distribution=distribution,
-                            where=_selected_tree(params, selected))
+                            where=_selected_tree(params, selected), layer_axis=layer_axis)
 
     rule = MaskRule(crit, _update_steps(every, end), update, init_masks, grows=True)
     return pruned(inner, rule=rule, where=where, seed=seed)
@@ -250,7 +286,7 @@ def _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, se
 
 def rigl(inner: optax.GradientTransformation, sparsity: Any, *, end: int, every: int = 100,
          drop_fraction: DropFraction = 0.3, distribution: Any = "erk", where: Where = None,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         seed: int = 0, layer_axis: LayerAxis = None) -> optax.GradientTransformationExtraArgs:
     """RigL dynamic sparse training (Evci et al. 2020, "Rigging the Lottery:
     Making All Tickets Winners", ICML).
 
@@ -273,6 +309,8 @@ def rigl(inner: optax.GradientTransformation, sparsity: Any, *, end: int, every:
       distribution: "erk", "uniform" or ``{path_regex: sparsity}``.
       where: which leaves are sparse (see ``jaxprune.tree``).
       seed: PRNG seed of the initial masks.
+      layer_axis: stacked (scanned) layers, as in ``jaxprune.masks.unstructured``:
+        allocation, active counts and drop-and-grow per layer slice.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -287,14 +325,14 @@ def rigl(inner: optax.GradientTransformation, sparsity: Any, *, end: int, every:
     if not isinstance(end, int) or end < 1:
         raise ValueError(f"rigl needs end (the last mask-update step) > 0, got {end!r}")
     return _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, seed,
-                    grow="gradient", cosine=True)
+                    grow="gradient", cosine=True, layer_axis=layer_axis)
 
 
 def sparse_evolutionary(inner: optax.GradientTransformation, sparsity: Any, *,
                         every: int = 100, end: Optional[int] = None,
                         drop_fraction: DropFraction = 0.3, distribution: Any = "erk",
-                        where: Where = None,
-                        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                        where: Where = None, seed: int = 0,
+                        layer_axis: LayerAxis = None) -> optax.GradientTransformationExtraArgs:
     """SET, sparse evolutionary training (Mocanu et al. 2018, "Scalable
     Training of Artificial Neural Networks with Adaptive Sparse Connectivity
     inspired by Network Science", Nature Communications).
@@ -313,7 +351,7 @@ def sparse_evolutionary(inner: optax.GradientTransformation, sparsity: Any, *,
     8
     """
     return _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, seed,
-                    grow="random", cosine=False)
+                    grow="random", cosine=False, layer_axis=layer_axis)
 
 
 def ste(score: Any = score_fns.magnitude,

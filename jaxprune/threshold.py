@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune import leaf_groups
+
 __all__ = ["order_keys", "lowest", "prune_count"]
 
 _DIGIT_BITS = 16
@@ -223,27 +225,28 @@ def _chunking(shape: tuple, shards: Optional[tuple] = None) -> tuple[int, int]:
 _SPARE = 1024  # bins that take the entries not counted: see _leaf_histogram
 
 
-def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = True) -> jax.Array:
+def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread=True) -> jax.Array:
     """Histogram over ``bins`` of one leaf: ``index_of(keys)`` gives each
     key's bin (``>= bins``: not counted); large leaves are counted chunk by
     chunk.
 
     XLA:CPU scatters serially, one entry after the other. With ``spread`` (on
-    a single device), entries not counted land in ``_SPARE`` throw-away bins
-    chosen by column rather than being dropped: a drop is a branch, and a
-    random mix of counted and uncounted entries (say 30% of a layer already
-    pruned) would mispredict it constantly. When nearly all entries go
-    uncounted (later radix passes) dropping them is cheaper. On several
-    devices the histogram is all-reduced, so it stays 2**16 bins.
+    a single device; may be traced), entries not counted land in ``_SPARE``
+    throw-away bins chosen by column rather than being dropped: a drop is a
+    branch, and a random mix of counted and uncounted entries (say 30% of a
+    layer already pruned) would mispredict it constantly. When nearly all
+    entries go uncounted (later radix passes) dropping them is cheaper. On
+    several devices the histogram is all-reduced, so it stays 2**16 bins.
     """
-    spares = _SPARE if spread and not _strided() else 0
+    spares = 0 if _strided() else _SPARE
 
     def count(keys, hist):
         index = index_of(keys)
+        dropped = jnp.uint32(bins + spares)  # past the end: dropped
         if keys.ndim and spares:
-            uncounted = bins + _iota(keys, keys.ndim - 1) % spares
+            uncounted = jnp.where(spread, bins + _iota(keys, keys.ndim - 1) % spares, dropped)
         else:
-            uncounted = jnp.uint32(bins + spares)  # past the end: dropped
+            uncounted = dropped
         index = jnp.where(index < bins, index, uncounted)
         return _scatter_count(index.astype(jnp.int32), hist)
 
@@ -257,21 +260,48 @@ def _leaf_histogram(make_keys, leaf: int, bins: int, index_of, spread: bool = Tr
     return hist[:bins]
 
 
-def _histogram(make_keys, leaf: int, shift: int, prefix, prefix_shift: int) -> jax.Array:
-    """Histogram of the 16-bit digit at ``shift`` of one leaf's keys, counting
-    only keys whose higher bits equal ``prefix``. Key 0 (NaN or demoted, often
-    most entries once masks nest) is not counted: one shared counter would
-    serialise the scatter. ``_kth_key`` restores its count from the totals."""
+def _histogram(make_keys, leaf: int, shift, prefix, first) -> jax.Array:
+    """Histogram of the 16-bit digit at ``shift`` (traced) of one leaf's
+    keys, counting only keys whose higher bits equal ``prefix`` (all keys in
+    the ``first`` pass). Key 0 (NaN or demoted, often most entries once
+    masks nest) is not counted: one shared counter would serialise the
+    scatter. ``_kth_key`` restores its count from the totals."""
     def index_of(keys):
-        digit = (keys >> shift) & (_BINS - 1)
-        count = keys != 0
-        if prefix_shift < keys.dtype.itemsize * 8:
-            count = count & ((keys >> prefix_shift) == (prefix >> prefix_shift))
+        udt = keys.dtype
+        digit = (keys >> shift.astype(udt)) & udt.type(_BINS - 1)
+        high = shift.astype(udt) + udt.type(_DIGIT_BITS)
+        # first pass: the shift would be the key width (undefined), compare nothing
+        same = (keys >> jnp.where(first, 0, high).astype(udt)) == (
+            prefix >> jnp.where(first, 0, high).astype(udt))
+        count = (keys != 0) & (first | same)
         return jnp.where(count, digit, _BINS)  # _BINS: not counted
 
     # Pass 1 leaves out only key 0; later passes leave out all but one bucket.
-    first = prefix_shift >= make_keys.dtype.itemsize * 8
     return _leaf_histogram(make_keys, leaf, _BINS, index_of, spread=first)
+
+
+def _inclusive_sums(v: jax.Array) -> jax.Array:
+    """Exact prefix sums of a short uint32 vector as one masked reduction
+    (XLA:CPU lowers ``cumsum`` to a log-depth scan that is slow to compile)."""
+    i = jnp.arange(v.shape[0])
+    return jnp.sum(jnp.where(i[None, :] <= i[:, None], v[None, :], jnp.uint32(0)), axis=1,
+                   dtype=jnp.uint32)
+
+
+def _digit_at(hist: jax.Array, remaining) -> tuple[jax.Array, jax.Array]:
+    """The bin holding the entry of 0-based rank ``remaining`` of a 2**16-bin
+    histogram, and the count of all bins before it: the 256 rows of 256 bins
+    are searched first, then the bins of the one row."""
+    side = 1 << (_DIGIT_BITS // 2)
+    grid = hist.reshape(side, side)
+    rows_cum = _inclusive_sums(jnp.sum(grid, axis=1, dtype=jnp.uint32))
+    row = jnp.sum(rows_cum <= remaining, dtype=jnp.int32)  # rows wholly below the rank
+    row = jnp.minimum(row, side - 1)
+    rows_before = jnp.where(row > 0, rows_cum[jnp.maximum(row - 1, 0)], jnp.uint32(0))
+    in_row = _inclusive_sums(lax.dynamic_index_in_dim(grid, row, 0, keepdims=False))
+    col = jnp.minimum(jnp.sum(in_row + rows_before <= remaining, dtype=jnp.int32), side - 1)
+    before = rows_before + jnp.where(col > 0, in_row[jnp.maximum(col - 1, 0)], jnp.uint32(0))
+    return row * side + col, before
 
 
 def _kth_key(make_keys, rank):
@@ -280,37 +310,41 @@ def _kth_key(make_keys, rank):
 
     ``make_keys(i, ...)`` rebuilds leaf ``i``'s keys (or one chunk of them);
     rebuilding them in each pass lets XLA fuse the key computation into the
-    histogram instead of storing keys.
+    histogram instead of storing keys. The passes (one per 16 key bits) are
+    one loop: the program holds the counting code once.
     """
     udt = make_keys.dtype
     bits_n = udt.itemsize * 8
-    prefix = jnp.zeros((), udt)
-    remaining = jnp.asarray(rank, jnp.uint32)
-    below = jnp.zeros((), jnp.uint32)
-    equal = jnp.zeros((), jnp.uint32)
     # Entries whose higher digits equal the prefix: all of them in pass 1.
-    matching = jnp.uint32(sum(int(np.prod(s)) for s in make_keys.shapes))
-    for shift in range(bits_n - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        hist = sum(_histogram(make_keys, i, shift, prefix, shift + _DIGIT_BITS)
+    total = jnp.uint32(sum(int(np.prod(s)) for s in make_keys.shapes))
+
+    def one_pass(p, carry):
+        prefix, remaining, below, _, matching = carry
+        shift = jnp.uint32(bits_n - _DIGIT_BITS) - p.astype(jnp.uint32) * jnp.uint32(_DIGIT_BITS)
+        first = p == 0
+        hist = sum(_histogram(make_keys, i, shift, prefix, first)
                    for i in range(len(make_keys.shapes)))
         # Uncounted key-0 entries belong to digit 0 (non-zero only while prefix == 0).
         hist = hist.at[0].add(matching - jnp.sum(hist, dtype=jnp.uint32))
-        cum = jnp.cumsum(hist)
-        digit = jnp.searchsorted(cum, remaining, side="right")
-        before = jnp.where(digit > 0, cum[jnp.maximum(digit - 1, 0)], 0).astype(jnp.uint32)
-        remaining = remaining - before
-        below = below + before
-        prefix = prefix | (digit.astype(udt) << shift)
-        equal = matching = hist[digit]  # after the last pass: entries equal in every digit
+        digit, before = _digit_at(hist, remaining)
+        equal = hist[digit]
+        return (prefix | (digit.astype(udt) << shift.astype(udt)), remaining - before,
+                below + before, equal, equal)
+
+    start = (jnp.zeros((), udt), jnp.asarray(rank, jnp.uint32), jnp.zeros((), jnp.uint32),
+             jnp.zeros((), jnp.uint32), total)
+    prefix, _, below, equal, _ = lax.fori_loop(0, bits_n // _DIGIT_BITS, one_pass, start)
     return prefix, below, equal
 
 
-def _flat_index(like: jax.Array) -> jax.Array:
-    """Row-major flat index of every entry of ``like``, built from iotas so
-    that nothing parameter-sized is read and a sharded leaf stays sharded."""
+def _flat_index(like: jax.Array, first_dim: int = 0) -> jax.Array:
+    """Row-major flat index of every entry of ``like`` (over its axes from
+    ``first_dim`` on: the index within each leaf of a stack), built from
+    iotas so that nothing parameter-sized is read and a sharded leaf stays
+    sharded."""
     index = jnp.zeros_like(like, dtype=jnp.uint32)
     stride = 1
-    for dim in reversed(range(like.ndim)):
+    for dim in reversed(range(first_dim, like.ndim)):
         index = index + _iota(like, dim) * jnp.uint32(stride)
         stride *= like.shape[dim]
     return index
@@ -389,6 +423,60 @@ def _select(scores, n_prune, protected, demoted, kept, elementwise, keep: bool):
     signed = _check_one_kind([s.dtype for s in ranked])
     n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
     return _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise, keep, signed)
+
+
+def _select_each(scores, n_prunes, kept=None, elementwise=None, keep: bool = False,
+                 protected=None, rows: Optional[Sequence[bool]] = None) -> list[jax.Array]:
+    """One independent selection per array (``lowest([x], n)`` for each),
+    or per row of an array marked in ``rows`` (a stack of layers:
+    ``n_prunes[i]`` is then a vector over its rows). Arrays of equal shape
+    share one compiled selection (``_lowest_each``)."""
+    scores = _as_score_arrays(scores)
+    n = len(scores)
+    rows = tuple(bool(r) for r in rows) if rows is not None else (False,) * n
+    kept = list(kept) if kept is not None else [None] * n
+    protected = list(protected) if protected is not None else [None] * n
+    out: list = [None] * n
+    todo: dict = {}
+    for i, x in enumerate(scores):
+        size = int(np.prod(x.shape[1:] if rows[i] else x.shape))
+        if size >= 2**32:
+            raise ValueError(f"cannot select among {size} entries (limit 2**32 - 1)")
+        for name, m in (("kept", kept[i]), ("protected", protected[i])):
+            if m is not None and tuple(jnp.shape(m)) != tuple(x.shape):
+                raise ValueError(f"{name}[{i}] has shape {tuple(jnp.shape(m))}, "
+                                 f"score array {i} has shape {tuple(x.shape)}")
+        count = n_prunes[i]
+        if isinstance(count, (int, np.integer)) and not rows[i]:
+            if count <= 0 or (count >= size and protected[i] is None):
+                out[i] = jnp.full_like(x, keep if count <= 0 else not keep, dtype=bool)
+                continue
+        ranked = x if elementwise is None else jax.eval_shape(elementwise, x)
+        kind = (jnp.dtype(ranked.dtype).itemsize > 4, _check_one_kind([ranked.dtype]))
+        todo.setdefault(kind, []).append(i)
+    for (wide, signed), idx in todo.items():
+        counts = [jnp.clip(jnp.asarray(n_prunes[i]), 0,
+                           int(np.prod(scores[i].shape[1:] if rows[i] else scores[i].shape))
+                           ).astype(jnp.uint32) for i in idx]
+        masks = _lowest_each([scores[i] for i in idx], [protected[i] for i in idx],
+                             [None] * len(idx), [kept[i] for i in idx], counts, wide,
+                             elementwise, keep, signed, tuple(rows[i] for i in idx))
+        for i, m in zip(idx, masks):
+            out[i] = m
+    return out
+
+
+def _select_parts(parts, groups, n_prune, protected, kept, elementwise, keep: bool):
+    """``_select`` on stacks of equal leaves (``jaxprune.leaf_groups``) that
+    the caller keeps stacked across calls (the layer-collapse guard's loop);
+    returns the stacked masks."""
+    ranked = parts if elementwise is None else [jax.eval_shape(elementwise, p) for p in parts]
+    wide = any(jnp.dtype(r.dtype).itemsize > 4 for r in ranked)
+    signed = _check_one_kind([r.dtype for r in ranked])
+    total = sum(int(np.prod(p.shape)) for p in parts)
+    n_prune = jnp.clip(jnp.asarray(n_prune), 0, total).astype(jnp.uint32)
+    return _lowest_parts(parts, protected, [None] * len(parts), kept, n_prune, groups, wide,
+                         elementwise, keep, signed)
 
 
 def _as_score_arrays(scores, names: Optional[Sequence[str]] = None) -> list[jax.Array]:
@@ -471,14 +559,19 @@ class _Keys:
         return self.transform(i, _chunk_of(a, chunk), chunk=chunk)
 
 
+def _row_cols(shape: tuple) -> int:
+    """Columns of ``_rows``: the last axis, split below 2**16 where it can be."""
+    cols = shape[-1] if shape else 1
+    if cols >= 1 << 16:  # split the last axis (the outer part joins the rows)
+        cols = max((d for d in range(1, 1 << 16) if cols % d == 0), default=cols)
+    return cols
+
+
 def _rows(x: jax.Array) -> jax.Array:
     """``x`` as a matrix whose rows are runs of consecutive flat indices, each
     shorter than 2**16 where the shape allows (so that 16-bit row counts,
     which XLA:CPU vectorises, cannot overflow)."""
-    cols = x.shape[-1] if x.ndim else 1
-    if cols >= 1 << 16:  # split the last axis (the outer part joins the rows)
-        cols = max((d for d in range(1, 1 << 16) if cols % d == 0), default=cols)
-    return x.reshape(-1, cols)
+    return x.reshape(-1, _row_cols(x.shape))
 
 
 def _first_reaching(counts: jax.Array, target) -> tuple[jax.Array, jax.Array]:
@@ -522,44 +615,82 @@ def _ties_per_row(rows: jax.Array, t) -> jax.Array:
     return jnp.sum(equal, axis=1, dtype=jnp.uint16 if narrow else jnp.uint32).astype(jnp.uint32)
 
 
-def _tie_cuts(make_keys, t, needed) -> list[jax.Array]:
-    """Per leaf, the flat index below which ties (keys equal to ``t``) are
-    pruned, so that exactly ``needed`` ties are pruned in (leaf, flat index)
-    order: ties are counted per row (``_ties_per_row``); in the one leaf
-    where the cut falls, the row holding it is
-    read back (one pass of ``any``) and its column found by bisection.
-    Keys are rebuilt by ``make_keys(i)`` wherever used, never stored."""
-    cuts = []
-    before = jnp.zeros((), jnp.uint32)
-    for i, shape in enumerate(make_keys.shapes):
-        size = int(np.prod(shape))
-        if size == 0:
-            cuts.append(jnp.uint32(0))
+def _tie_cuts(make_keys, t, needed, groups) -> list[jax.Array]:
+    """Per part (a stack of equal leaves, see ``jaxprune.leaf_groups``), per
+    row (leaf): the flat index below which its ties (keys equal to ``t``)
+    are pruned, so that exactly ``needed`` ties are pruned in (leaf, flat
+    index) order. Ties are counted per row of each leaf
+    (``_ties_per_row``); in the one leaf where the cut falls, the row
+    holding it is read back (one pass of ``any``) and its column found by
+    bisection. Keys are rebuilt by ``make_keys(p)`` wherever used, never
+    stored; the program holds one copy of this per part, not per leaf."""
+    n_leaves = sum(len(g) for g in groups)
+    per_row, ties = [], []
+    for p, shape in enumerate(make_keys.shapes):
+        b, inner = shape[0], shape[1:]
+        if int(np.prod(inner)) == 0:
+            per_row.append(None)
+            ties.append(jnp.zeros(b, jnp.uint32))
             continue
-        per_row = _ties_per_row(_rows(make_keys(i)), t)
-        ties = jnp.sum(per_row, dtype=jnp.uint32)
-        here = jnp.minimum(needed - jnp.minimum(before, needed), ties)
-        before = before + ties
+        rows = _rows3(make_keys(p), inner)
+        counts = _ties_per_row(rows.reshape(-1, rows.shape[-1]), t).reshape(rows.shape[:2])
+        per_row.append(counts)
+        ties.append(jnp.sum(counts, axis=1, dtype=jnp.uint32))
+    # Leaf order: part p row j is leaf groups[p][j] (a static permutation).
+    order = np.concatenate([np.asarray(g, np.int32) for g in groups])
+    in_leaf_order = np.argsort(order, kind="stable")
+    ties_leaf = jnp.concatenate(ties)[in_leaf_order]
+    before = jnp.cumsum(ties_leaf, dtype=jnp.uint32) - ties_leaf
+    here_leaf = jnp.minimum(needed - jnp.minimum(before, needed), ties_leaf)
+    cuts, offset = [], 0
+    for p, shape in enumerate(make_keys.shapes):
+        b, inner = shape[0], shape[1:]
+        size = int(np.prod(inner))
+        here = here_leaf[np.asarray(groups[p])] if n_leaves > 1 else here_leaf
+        partial = (here > 0) & (here < ties[p])
+        if size == 0:
+            cuts.append(jnp.zeros(b, jnp.uint32))
+            continue
 
-        def split(i=i, per_row=per_row, here=here):
-            r, above = _first_reaching(per_row, here)
-            rows = _rows(make_keys(i))
-            # Row r by a masked "any" over rows: sharding-safe and cheap.
-            in_row_r = (rows == t) & (_iota(rows, 0, jnp.int32) == r)
-            pattern = jnp.any(in_row_r, axis=0).astype(jnp.uint32)
-            col, _ = _first_reaching(pattern, here - above)
-            return r.astype(jnp.uint32) * jnp.uint32(rows.shape[1]) + col.astype(jnp.uint32) + 1
+        def split(p=p, inner=inner, here=here, partial=partial):
+            row = jnp.argmax(partial).astype(jnp.int32)
+            target = here[row]
+            counts = lax.dynamic_index_in_dim(per_row[p], row, 0, keepdims=False)
+            r, above = _first_reaching(counts, target)
+            rows = _rows3(make_keys(p), inner)
+            # Row r of leaf ``row`` by a masked "any": sharding-safe and cheap.
+            in_row = ((rows == t) & (_iota(rows, 0, jnp.int32) == row)
+                      & (_iota(rows, 1, jnp.int32) == r))
+            pattern = jnp.any(in_row, axis=(0, 1)).astype(jnp.uint32)
+            col, _ = _first_reaching(pattern, target - above)
+            return r.astype(jnp.uint32) * jnp.uint32(rows.shape[-1]) + col.astype(jnp.uint32) + 1
 
-        cuts.append(lax.cond((here > 0) & (here < ties), split,
-                             lambda here=here, size=size: jnp.where(
-                                 here == 0, jnp.uint32(0), jnp.uint32(size))))
+        cut = lax.cond(jnp.any(partial), split, lambda: jnp.uint32(0))
+        cuts.append(jnp.where(partial, cut, jnp.where(here == 0, jnp.uint32(0),
+                                                      jnp.uint32(size))))
     return cuts
+
+
+def _rows3(x: jax.Array, inner: tuple) -> jax.Array:
+    """A stack ``(b, *inner)`` as ``(b, rows, cols)`` with ``_rows``'s rows."""
+    return x.reshape(x.shape[0], -1, _row_cols(inner))
 
 
 @functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep", "signed"))
 def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, keep=False,
             signed=None):
+    """The selection of ``_select``, with leaves of equal shape stacked into
+    one part each (``jaxprune.leaf_groups``): the program holds one copy of
+    the counting passes per part, so it does not grow with the leaves."""
     # jitted so that eager callers compile once per set of shapes, not per op.
+    groups = leaf_groups.group_indices(scores, protected, demoted, kept)
+    stacked = [[leaf_groups.stack(a, g) for g in groups]
+               for a in (scores, protected, demoted, kept)]
+    parts = _lowest_parts(*stacked, n_prune, groups, wide, elementwise, keep, signed)
+    return leaf_groups.unstack(parts, groups, len(scores))
+
+
+def _keys_fn(protected, demoted, kept, wide, elementwise, signed):
     top = np.iinfo(np.uint64 if wide else np.uint32).max
 
     def keys_of(i, a, chunk=None):
@@ -571,29 +702,58 @@ def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, k
         if protected[i] is not None:
             k = jnp.where(_chunk_of(protected[i], chunk), k.dtype.type(top), k)
         return k
+    return keys_of
 
-    make_keys = _Keys(scores, keys_of)
+
+def _lowest_parts(parts, protected, demoted, kept, n_prune, groups, wide, elementwise, keep,
+                  signed):
+    """``_lowest`` on stacked parts ``(b, *shape)``, row ``j`` of part ``p``
+    being leaf ``groups[p][j]``; returns the stacked masks."""
+    keys_of = _keys_fn(protected, demoted, kept, wide, elementwise, signed)
+    make_keys = _Keys(parts, keys_of)
     rank = jnp.maximum(n_prune, 1) - 1
     t, below, ties_total = _kth_key(make_keys, rank)
     ties_needed = n_prune - below  # >= 1 when n_prune >= 1
 
     def all_ties():  # the common case: no extra pass
-        return [((keys_of(i, s) <= t) & (n_prune > 0)) ^ keep for i, s in enumerate(scores)]
+        return [((keys_of(i, s) <= t) & (n_prune > 0)) ^ keep for i, s in enumerate(parts)]
 
     def some_ties():
         out = []
-        for i, cut in enumerate(_tie_cuts(make_keys, t, ties_needed)):
-            size = int(np.prod(scores[i].shape))
-
-            def partial(i=i, cut=cut):  # the one leaf where the cut falls
-                k = make_keys(i)
-                return ((k < t) | ((k == t) & (_flat_index(k) < cut))) ^ keep
-
-            def whole(i=i, cut=cut):  # none or all of this leaf's ties
-                k = make_keys(i)
-                return ((k < t) | ((k == t) & (cut > 0))) ^ keep
-
-            out.append(lax.cond((cut > 0) & (cut < size), partial, whole))
+        for p, cut in enumerate(_tie_cuts(make_keys, t, ties_needed, groups)):
+            k = make_keys(p)
+            inner = _flat_index(k, first_dim=1)
+            cut = cut.reshape((-1,) + (1,) * (k.ndim - 1))
+            out.append(((k < t) | ((k == t) & (inner < cut))) ^ keep)
         return out
 
     return lax.cond((ties_needed == ties_total) | (n_prune == 0), all_ties, some_ties)
+
+
+@functools.partial(jax.jit, static_argnames=("wide", "elementwise", "keep", "signed", "rows"))
+def _lowest_each(scores, protected, demoted, kept, n_prunes, wide, elementwise=None,
+                 keep=False, signed=None, rows=None):
+    """One selection per leaf (per row of a leaf marked in ``rows``):
+    ``n_prunes[i]`` holds leaf ``i``'s count (a vector over its rows when
+    stacked). Leaves of equal shape are stacked and selected by one
+    ``lax.map`` over their rows, so the program holds one selection per
+    group of equal leaves."""
+    groups = leaf_groups.group_indices(scores, protected, demoted, kept, rows=rows)
+    out = []
+    for g in groups:
+        part, prot, dem, kep = (leaf_groups.stack(a, g, rows) for a in
+                                (scores, protected, demoted, kept))
+        counts = jnp.concatenate([jnp.asarray(n_prunes[i], jnp.uint32).reshape(-1) for i in g])
+
+        def one(args, g=g):
+            x, pr, de, ke, n = args
+            lift = lambda a: None if a is None else a[None]
+            return _lowest_parts([x[None]], [lift(pr)], [lift(de)], [lift(ke)], n, [[0]],
+                                 wide, elementwise, keep, signed)[0][0]
+
+        if part.shape[0] == 1:
+            out.append(one((part[0], *(None if a is None else a[0] for a in (prot, dem, kep)),
+                            counts[0]))[None])
+        else:
+            out.append(lax.map(one, (part, prot, dem, kep, counts)))
+    return leaf_groups.unstack(out, groups, len(scores), rows)

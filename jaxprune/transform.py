@@ -27,7 +27,7 @@ from jaxprune import masks as mask_fns
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion, criterion
 from jaxprune.schedules import SparsitySchedule, as_schedule
-from jaxprune.tree import Where, check_same_structure, leaves_with_paths, select
+from jaxprune.tree import LayerAxis, Where, check_same_structure, leaves_with_paths, select
 
 PyTree = Any
 
@@ -38,7 +38,8 @@ __all__ = ["STATIC_ARGS", "PruneState", "PrunedState", "MaskRule", "schedule_rul
 #: Arguments of ``prune`` that ``optax.inject_hyperparams`` must leave alone
 #: (it would turn callables into schedules and numbers into traced arrays):
 #: ``optax.inject_hyperparams(jaxprune.prune, static_args=jaxprune.STATIC_ARGS)``.
-STATIC_ARGS = ("score", "where", "min_density", "n", "m", "axis", "every", "seed", "rule", "signed")
+STATIC_ARGS = ("score", "where", "min_density", "n", "m", "axis", "every", "seed", "rule", "signed",
+               "layer_axis")
 
 
 class PruneState(NamedTuple):
@@ -111,10 +112,14 @@ class MaskRule(NamedTuple):
 
 
 def _mask_fn(granularity: str, scope: str, where_tree, distribution, normalize,
-             min_density, n, m, axis, block_shape, reduce, signed=False, reporter=None):
+             min_density, n, m, axis, block_shape, reduce, signed=False, reporter=None,
+             layer_axis=None):
     if granularity not in ("unstructured", "n_of_m", "block", "channels"):
         raise ValueError("granularity must be 'unstructured', 'n_of_m', 'block' or 'channels', "
                          f"got {granularity!r}")
+    if layer_axis is not None and granularity in ("block", "channels"):
+        raise ValueError(f"layer_axis applies to granularity 'unstructured' and 'n_of_m'; "
+                         f"granularity={granularity!r} would rank the stacked layers together")
     mask_fns.check_options(scope, normalize, min_density)
     if granularity in ("n_of_m", "block") and (normalize is not None or min_density):
         raise ValueError(f"normalize and min_density act on unstructured or channel rankings; "
@@ -122,9 +127,10 @@ def _mask_fn(granularity: str, scope: str, where_tree, distribution, normalize,
     if granularity == "unstructured":
         return lambda sc, s: mask_fns._unstructured(
             sc, s, scope, where_tree, distribution, normalize, min_density,
-            signed=signed, reporter=reporter)
+            signed=signed, reporter=reporter, layer_axis=layer_axis)
     if granularity == "n_of_m":
-        return lambda sc, s: mask_fns._n_of_m(sc, n, m, axis, where_tree, signed, reporter)
+        return lambda sc, s: mask_fns._n_of_m(sc, n, m, axis, where_tree, signed, reporter,
+                                              layer_axis)
     if granularity == "block":
         return lambda sc, s: mask_fns._block(sc, s, block_shape, reduce or "mean", where_tree,
                                              scope, signed, reporter)
@@ -140,7 +146,8 @@ def schedule_rule(score: Any = score_fns.magnitude,
                   min_density: Optional[float] = None, n: int = 2, m: int = 4,
                   axis: Optional[int] = None, block_shape: tuple = (4, 4),
                   reduce: Optional[str] = None, every: Optional[int] = None,
-                  regrow: bool = False, signed: bool = False) -> MaskRule:
+                  regrow: bool = False, signed: bool = False,
+                  layer_axis: LayerAxis = None) -> MaskRule:
     """The ``MaskRule`` of ``prune``: at each update step of the schedule,
     masks from the pure core at the schedule's sparsity. Arguments as in
     ``prune``. A plain number (or array) as ``sparsity`` without ``every``
@@ -165,7 +172,8 @@ def schedule_rule(score: Any = score_fns.magnitude,
             # Pruned entries rank lowest, so masks nest as sparsity grows.
             new = mask_fns._unstructured(scores, sched(count), scope, where_tree, distribution,
                                          normalize, min_density, kept=masks,
-                                         elementwise=fused, signed=signed, reporter=reporter)
+                                         elementwise=fused, signed=signed, reporter=reporter,
+                                         layer_axis=layer_axis)
             return new, reporter.found
         if fused is not None:
             scores = jax.tree.map(fused, scores)
@@ -174,12 +182,12 @@ def schedule_rule(score: Any = score_fns.magnitude,
                 lambda s, mk: s if mk is None else jnp.where(mk, s, jnp.nan),
                 scores, masks, is_leaf=lambda x: x is None)
         fn = _mask_fn(granularity, scope, where_tree, distribution, normalize, min_density,
-                      n, m, axis, block_shape, reduce, signed, reporter)
+                      n, m, axis, block_shape, reduce, signed, reporter, layer_axis)
         return fn(scores, sched(count)), reporter.found
 
     # Validate options eagerly so that mistakes surface at construction.
     _mask_fn(granularity, scope, None, distribution, normalize, min_density, n, m, axis,
-             block_shape, reduce)
+             block_shape, reduce, layer_axis=layer_axis)
     return MaskRule(crit, sched.is_update_step, update, grows=regrow,
                     scores_from_params=fused is not None, target=sched,
                     follows_changes=follows_changes, reports=True)
@@ -250,11 +258,17 @@ def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array
     off = jnp.zeros(len(pairs), bool)
     if not pairs or not checks.params:
         return off, off
-    nonfinite = jnp.stack([jnp.any(~mk & ~jnp.isfinite(p)) for mk, p in pairs])
+    # One reduction per leaf for both flags: the program grows by one small
+    # loop per leaf, not two.
+    def code(mk, p):
+        finite = jnp.isfinite(p)
+        flags = [~mk & ~finite] + ([~mk & finite & (p != 0)] if checks.zeros else [])
+        return jnp.any(jnp.stack(flags), axis=tuple(range(1, p.ndim + 1)))
+
+    found = jnp.stack([code(mk, p) for mk, p in pairs])
     if not checks.zeros:
-        return nonfinite, off
-    moved = jnp.stack([jnp.any(~mk & (p != 0) & jnp.isfinite(p)) for mk, p in pairs])
-    return nonfinite, moved & check_step
+        return found[:, 0], off
+    return found[:, 0], found[:, 1] & check_step
 
 
 def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
@@ -298,11 +312,8 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         new_stats = crit.init(params) if crit.reset_after_update else stats
         return new, new_stats, from_rule
 
-    def checked(branch):
-        # Each branch reads the params under the current masks itself: reading
-        # them around the update would keep both mask sets alive (a copy).
+    def checked(branch, flags):
         def run():
-            flags = _param_checks(checks, params, state.masks, check_step)
             masks, new_stats, from_rule = branch()
             return masks, new_stats, dict(
                 sparsity=jnp.where(apply, requested, state.sparsity),
@@ -312,7 +323,10 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         return run
 
     def update_or_check():
-        return lax.cond(apply, checked(do_update), checked(lambda: (state.masks, stats, {})))
+        # Read once, before either branch: one copy of the checks in the program.
+        flags = _param_checks(checks, params, state.masks, check_step)
+        return lax.cond(apply, checked(do_update, flags),
+                        checked(lambda: (state.masks, stats, {}), flags))
 
     def ordinary():  # the bookkeeping passes through untouched
         return state.masks, stats, dict(sparsity=state.sparsity, last_update=state.last_update,
@@ -333,8 +347,8 @@ def prune(score: Any = score_fns.magnitude,
           min_density: Optional[float] = None, n: int = 2, m: int = 4,
           axis: Optional[int] = None, block_shape: tuple = (4, 4), reduce: Optional[str] = None,
           every: Optional[int] = None, regrow: bool = False, seed: int = 0,
-          signed: bool = False, rule: Optional[MaskRule] = None
-          ) -> optax.GradientTransformationExtraArgs:
+          signed: bool = False, rule: Optional[MaskRule] = None,
+          layer_axis: LayerAxis = None) -> optax.GradientTransformationExtraArgs:
     """Prunes during training: an optax transformation for the end of a chain.
 
     Magnitude pruning (Han et al. 2015) along a gradual schedule (Zhu & Gupta
@@ -370,8 +384,9 @@ def prune(score: Any = score_fns.magnitude,
         ``step -> sparsity``. A value outside [0, 1] at an update step is
         refused: the masks stay, ``PruneState.refused`` counts it, and
         ``jaxprune.check`` warns.
-      scope, where, distribution, normalize, min_density, signed: as in
-        ``jaxprune.masks.unstructured`` (global scope has the same default
+      scope, where, distribution, normalize, min_density, signed, layer_axis: as in
+        ``jaxprune.masks.unstructured`` (``layer_axis`` also sets N:M's default axis
+        per layer slice) (global scope has the same default
         layer-collapse guard).
       granularity: "unstructured", "n_of_m" (uses ``n``, ``m``, ``axis``;
         default axis: the kernel's reduction axis), "block"
@@ -401,7 +416,7 @@ def prune(score: Any = score_fns.magnitude,
     rule = _build_rule(rule, score, sparsity, dict(
         scope=scope, granularity=granularity, distribution=distribution, normalize=normalize,
         min_density=min_density, n=n, m=m, axis=axis, block_shape=block_shape, reduce=reduce,
-        every=every, regrow=regrow, signed=signed))
+        every=every, regrow=regrow, signed=signed, layer_axis=layer_axis))
     return _prune(rule, where, seed, _Checks("jaxprune.prune"))
 
 

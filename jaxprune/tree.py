@@ -36,7 +36,13 @@ __all__ = [
     "select",
     "is_mask_leaf",
     "check_same_structure",
+    "layer_axes",
+    "scan_axes",
 ]
+
+#: ``layer_axis=`` of the mask functions and transformations: the axis of a
+#: selected leaf that stacks layers (scanned layers), or None.
+LayerAxis = Union[None, int, "dict[str, int]", Callable[[str, Any], Any]]
 
 
 def _key_str(key: Any) -> str:
@@ -189,3 +195,97 @@ def check_same_structure(a: PyTree, b: PyTree, a_name: str, b_name: str,
             raise ValueError(
                 f"{a_name} and {b_name} differ in shape at '{path}': "
                 f"{np.shape(x)} vs {np.shape(y)}")
+
+
+def layer_axes(items: Sequence[tuple[str, Any]], layer_axis: LayerAxis) -> list[Any]:
+    """Resolves ``layer_axis`` to one axis (a non-negative int) or None per
+    ``(path, leaf)``.
+
+    ``layer_axis`` is None (no leaf stacks layers), an int (every leaf),
+    a mapping ``{path_regex: axis}`` (the exact path, else the first regex
+    found in the path; unmatched leaves have none; ``scan_axes`` builds one
+    from Flax metadata) or a callable ``(path, leaf) -> axis or None``.
+    An axis the leaf does not have is an error naming the leaf.
+
+    >>> import jax.numpy as jnp
+    >>> layer_axes([("layers/kernel", jnp.ones((4, 2, 2))), ("head", jnp.ones((2, 2)))],
+    ...            {"layers/": 0})
+    [0, None]
+    """
+    if layer_axis is None:
+        return [None] * len(items)
+    if isinstance(layer_axis, (bool, np.bool_)):
+        raise TypeError("layer_axis must be an int, a mapping {path_regex: axis} or a callable, "
+                        f"got {layer_axis!r}")
+    if isinstance(layer_axis, (int, np.integer)):
+        pick = lambda path, leaf: int(layer_axis)
+    elif isinstance(layer_axis, dict) or hasattr(layer_axis, "items"):
+        compiled = []
+        for key, value in layer_axis.items():
+            try:
+                compiled.append((re.compile(key), value))
+            except re.error as e:
+                raise ValueError(f"layer_axis key {key!r} is not a valid regex: {e}") from None
+
+        def pick(path, leaf):
+            if path in layer_axis:
+                return layer_axis[path]
+            return next((v for rx, v in compiled if rx.search(path)), None)
+    elif callable(layer_axis):
+        pick = layer_axis
+    else:
+        raise TypeError("layer_axis must be an int, a mapping {path_regex: axis} or a callable, "
+                        f"got {type(layer_axis).__name__}")
+    out = []
+    for path, leaf in items:
+        axis = pick(path, leaf)
+        if axis is None:
+            out.append(None)
+            continue
+        ndim = np.ndim(leaf)
+        if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+            raise ValueError(f"leaf '{path}' of shape {tuple(np.shape(leaf))} has no layer axis "
+                             f"{axis!r}")
+        out.append(int(axis) % ndim)
+    return out
+
+
+def _partition_names(node: Any):
+    """Logical axis names of a Flax Linen ``nn.Partitioned`` box or an NNX
+    ``Variable`` (``out_sharding`` / ``sharding`` / ``sharding_names``
+    metadata), else None. Duck-typed: core modules do not import flax."""
+    names = getattr(node, "names", None)
+    if names is not None and hasattr(node, "unbox"):
+        return tuple(names)
+    get = getattr(node, "get_metadata", None)
+    if callable(get):
+        meta = get()
+        for key in ("out_sharding", "sharding_names", "sharding"):
+            value = meta.get(key) if hasattr(meta, "get") else None
+            if isinstance(value, (tuple, list)):
+                return tuple(value)
+    return None
+
+
+def _is_boxed(x: Any) -> bool:
+    return _partition_names(x) is not None
+
+
+def scan_axes(tree: PyTree, name: str = "layers") -> dict[str, int]:
+    """``{path: axis}`` of the leaves whose Flax partitioning metadata names
+    ``name`` at some axis: the layer axis that ``nn.scan(...,
+    metadata_params={nn.PARTITION_NAME: name})`` or ``nnx.vmap`` / ``nnx.scan``
+    with ``transform_metadata={nnx.PARTITION_NAME: name}`` adds. Pass the
+    result as ``layer_axis=`` (paths are those of the unboxed tree, so it
+    applies to scores and params alike). Leaves without such metadata are
+    left out; an empty dict means nothing was found.
+    """
+    found = {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_boxed)
+    for key_path, node in flat:
+        names = _partition_names(node)
+        if names is None or name not in names:
+            continue
+        path = path_str(list(key_path))
+        found[path] = names.index(name)
+    return found

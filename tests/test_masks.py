@@ -437,3 +437,33 @@ def test_layer_collapse_guard_equals_protecting_every_floor_at_once(leaves, s, m
     for got in (eager, traced):
         for g, r in zip(got, guarded_reference([np.asarray(x) for x in leaves], s, min_density)):
             np.testing.assert_array_equal(np.asarray(g).ravel(), r)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.tuples(*[hnp.arrays(np.float32, shape, elements=st.integers(0, 3).map(float))
+                   for shape in [(4, 4), (4, 4), (2, 8), (4, 4), (2, 8)]]),
+       st.floats(0.5, 0.96875, width=32))
+def test_guard_over_stacks_of_equal_leaves_matches_the_reference(leaves, s):
+    # Equal shapes are stacked into one array per shape inside the jitted guard
+    # (leaf_groups): leaf order, floors and ties must survive the stacking.
+    leaves = tuple(x * (i + 1) ** 3 for i, x in enumerate(leaves))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaxprune.PruningWarning)
+        try:
+            M.unstructured(leaves, s, scope="global")
+        except ValueError:
+            return
+        traced = _jit_guarded(leaves, jnp.float32(s))
+    for g, r in zip(traced, guarded_reference([np.asarray(x) for x in leaves], s, None)):
+        np.testing.assert_array_equal(np.asarray(g).ravel(), r)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(hnp.arrays(np.float32, (3, 4), elements=st.sampled_from([0.0, 1.0, 2.0, np.nan])),
+                min_size=2, max_size=4), st.floats(0.0, 1.0, width=32))
+def test_local_masks_of_equal_leaves_match_each_leaf_alone(leaves, s):
+    # One lax.map over the stack of equal leaves must equal one selection per leaf.
+    got = jax.jit(lambda ls, s: M.unstructured(ls, s, signed=True))(leaves, jnp.float32(s))
+    for x, g in zip(leaves, got):
+        alone = M.unstructured([x], float(s), signed=True)[0]
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(alone))

@@ -353,3 +353,26 @@ def test_averaged_criterion_inside_prune_under_pmap_gives_every_device_the_same_
     mean_scores = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *local)
     expected = jaxprune.masks.unstructured(mean_scores, 0.5, scope="global")
     chex.assert_trees_all_equal(jax.tree.map(lambda m: m[0], masks), jax.device_get(expected))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_equal_shaped_sharded_leaves_are_stacked_without_gathers(axis_type):
+    # Leaves of one shape are stacked into one array (jaxprune.leaf_groups):
+    # the stack keeps the leaves' layout and still moves only histograms.
+    mesh = _mesh(axis_type)
+    params = {f"l{i}": jax.random.normal(jax.random.key(i), (16, 32)) for i in range(3)}
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, P(None, "model")))
+               for k, v in params.items()}
+    for scope in ("global", "local"):
+        fn = jax.jit(lambda p: jaxprune.masks.unstructured(jaxprune.scores.magnitude(p), 0.7,
+                                                           scope=scope))
+        with jax.set_mesh(mesh):
+            if scope == "global":
+                _assert_only_histograms_cross_devices(fn, sharded)
+            else:
+                ops = _collectives(fn.lower(sharded).compile().as_text())
+                assert not [op for op in ops if op[0] in ("all-gather", "all-to-all")], ops
+            masks = fn(sharded)
+        for k in params:
+            assert masks[k].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+        chex.assert_trees_all_equal(jax.device_get(masks), jax.device_get(fn(params)))

@@ -1,0 +1,121 @@
+"""Leaves of equal shape handled as one stacked array.
+
+Real models have hundreds of weight leaves but few distinct shapes (a
+transformer: q/k/v/o, up, down). Doing per-leaf work once per *group* of
+equal leaves -- one stacked ``(leaves, *shape)`` array, processed by a
+batched pass or a ``lax.map`` loop -- keeps the traced program (and so the
+compile time) independent of the number of leaves. A leaf that arrives
+already stacked (scanned layers with a layer axis) joins a group as many
+rows at no copy when it is the group's only member.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__: list[str] = []
+
+
+def _sharding_key(x: Any) -> Any:
+    """What sets a leaf's layout: arrays laid out differently are never
+    stacked (that would move data between devices)."""
+    if isinstance(x, jax.core.Tracer):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty:
+            return None
+        return (tuple(mesh.axis_names), tuple(mesh.shape.values()), tuple(sharding.spec))
+    sharding = getattr(x, "sharding", None)
+    try:
+        hash(sharding)
+    except TypeError:
+        return repr(sharding)
+    return sharding
+
+
+def group_indices(arrays: Sequence[Any], *optional: Sequence[Optional[Any]],
+                  rows: Optional[Sequence[bool]] = None) -> list[list[int]]:
+    """Indices of ``arrays`` grouped by (row) shape, dtype, layout and which
+    ``optional`` companions (e.g. masks) are present; groups are listed in
+    order of their first member, members in leaf order. With ``rows[i]``
+    True, array ``i`` is already a stack of rows ``(n, *shape)`` and is
+    grouped by its row shape; such an array is always a group of its own
+    (its rows are already one array)."""
+    groups: dict = {}
+    out: list[list[int]] = []
+    for i, x in enumerate(arrays):
+        stacked = bool(rows and rows[i])
+        shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
+        key = (shape, jnp.dtype(x.dtype), tuple(o[i] is None for o in optional),
+               _sharding_key(x))
+        if stacked:
+            out.append([i])
+            continue
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(i)
+    return out
+
+
+def _explicitly_sharded(x: Any) -> bool:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    return bool(mesh is not None and not mesh.empty and any(
+        t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
+
+
+def stack(arrays: Sequence[Optional[Any]], idx: Sequence[int],
+          rows: Optional[Sequence[bool]] = None) -> Optional[jax.Array]:
+    """The arrays ``idx`` as one ``(len(idx), *shape)`` array (None if they
+    are None); a single array gets a free leading axis, an already-stacked
+    one passes through."""
+    first = arrays[idx[0]]
+    if first is None:
+        return None
+    if rows and rows[idx[0]]:
+        return jnp.asarray(first)
+    if len(idx) == 1:
+        return jnp.asarray(first)[None]
+    first = jnp.asarray(first)
+    if _explicitly_sharded(first):  # sharding in types: let jnp.stack spell out the layout
+        return jnp.stack([jnp.asarray(arrays[i]) for i in idx])
+    at = opaque_indices(len(idx))
+    out = jnp.zeros((len(idx), *first.shape), first.dtype)
+    for j, i in enumerate(idx):
+        out = lax.dynamic_update_index_in_dim(out, jnp.asarray(arrays[i]), at[j], 0)
+    return out
+
+
+def unstack(parts: Sequence[jax.Array], groups: Sequence[Sequence[int]], n: int,
+            rows: Optional[Sequence[bool]] = None) -> list[jax.Array]:
+    """Inverse of ``stack`` over all groups: the list of ``n`` arrays."""
+    out: list = [None] * n
+    for part, idx in zip(parts, groups):
+        if rows and rows[idx[0]]:
+            out[idx[0]] = part
+            continue
+        if len(idx) == 1:
+            out[idx[0]] = part[0]
+            continue
+        at = opaque_indices(len(idx))
+        for j, i in enumerate(idx):
+            out[i] = lax.dynamic_index_in_dim(part, at[j], 0, keepdims=False)
+    return out
+
+
+def opaque_indices(n: int) -> tuple:
+    """``0, ..., n - 1`` as scalars XLA cannot see through. Slicing row ``j``
+    of a stack with a constant ``j`` compiles one kernel per row (XLA:CPU
+    compiles each for ~0.1 s); with an opaque index the kernels are alike
+    and compiled once."""
+    return lax.optimization_barrier(tuple(jnp.int32(j) for j in range(n)))
+
+
+def row_counts(arrays: Sequence[Any], rows: Optional[Sequence[bool]] = None) -> list[int]:
+    """How many rows (separate rankings) each array holds."""
+    return [int(jnp.shape(x)[0]) if rows and rows[i] else 1 for i, x in enumerate(arrays)]
