@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxprune.structured.trace import StructuredPruningError
 
-__all__ = ["Val", "Block", "UNKNOWN", "ZERO", "Regions", "View", "split_full", "wrap_input",
+__all__ = ["Val", "Block", "UNKNOWN", "ZERO", "Regions", "View", "split_full", "wrap_input", "take_kept",
            "varying_like"]
 
 class _Unknown:
@@ -204,14 +204,20 @@ class View:
         return self.s.old_shape(var)
 
     def cut(self, x: Any, var: Any, scope: tuple) -> Any:
-        for axis, node in enumerate(self.t.axes(var, scope)):
-            idx = self.kept(node)
-            if len(idx) != x.shape[axis]:
-                x = jnp.take(x, jnp.asarray(idx), axis=axis)
-        return x
+        return take_kept(x, self.t.axes(var, scope), self.kept)
 
 
 # ---------------------------------------------------------------- helpers
+def take_kept(x: Any, nodes: Sequence[int], kept: Any) -> Any:
+    """``x`` (a full-size value whose axes are ``nodes``) cut to ``kept(node)``
+    indices along every axis that loses some."""
+    for axis, node in enumerate(nodes):
+        idx = kept(node)
+        if len(idx) != x.shape[axis]:
+            x = jnp.take(x, jnp.asarray(idx), axis=axis)
+    return x
+
+
 def atoms_of(s: Any, var: Any, scope: tuple) -> list[frozenset]:
     if is_lit(var):
         return []

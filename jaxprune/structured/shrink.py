@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune.structured import collectives, control, equivariance, masked
+from jaxprune.structured import blocks, collectives, control, equivariance, masked
 from jaxprune.structured.trace import StructuredPruningError, parameter_error
 
 __all__ = ["Shrinker", "SHRINK_RULES", "RANDOM_BITS"]
@@ -78,11 +78,7 @@ class Shrinker:
 
     def cut(self, x: Any, var: Any, scope: tuple) -> Any:
         """Takes the kept indices of ``x`` (a full-size value of ``var``)."""
-        for axis, node in enumerate(self.t.axes(var, scope)):
-            idx = self.kept(node)
-            if len(idx) != x.shape[axis]:
-                x = jnp.take(x, jnp.asarray(idx), axis=axis)
-        return x
+        return blocks.take_kept(x, self.t.axes(var, scope), self.kept)
 
     # -- evaluation --------------------------------------------------------
     def run(self, jaxpr: Any, consts: Sequence[Any], variables: Sequence[Any],
