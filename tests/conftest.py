@@ -12,6 +12,6 @@ jax.config.update("jax_num_cpu_devices", 8) if hasattr(jax.config, "jax_num_cpu_
 
 import hypothesis  # noqa: E402
 
-hypothesis.settings.register_profile("default", deadline=None, max_examples=25,
+hypothesis.settings.register_profile("default", deadline=None, max_examples=15,
                                      print_blob=True)
 hypothesis.settings.load_profile("default")

@@ -147,6 +147,7 @@ def _load_example():
     return module
 
 
+@pytest.mark.slow  # end to end in a subprocess (CI: -m "slow or examples")
 def test_resume_in_a_fresh_process_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     example = _load_example()
     steps = 12

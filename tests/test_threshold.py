@@ -96,7 +96,7 @@ LAYOUTS = [dict(_LAYOUT="contiguous"), dict(_LAYOUT="strided"),
            dict(_LAYOUT="contiguous", _CHUNK=4), dict(_LAYOUT="strided", _CHUNK=4)]
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=15)
 @given(st.lists(st.sampled_from([(6, 5), (7, 3), (2, 9, 4), (3, 16), (2, 24), (11,), ()]).flatmap(
     lambda shape: st.tuples(
         hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, -1.0, 1.0, 2.0, np.nan])),
