@@ -262,3 +262,27 @@ def compare_latency(calls: dict, repeats: int) -> tuple[dict, dict]:
         for k, (_, a) in calls.items():
             times[k] += latency(compiled[k], *a, warmup=0, repeats=1).times
     return {k: float(np.median(t)) for k, t in times.items()}, compiled
+
+
+def fixed_mask_trainer(data: tuple, steps: int, batch_size: int = 128, lr: float = 1e-3) -> Callable:
+    """``train(params, masks) -> params``: ``steps`` Adam steps of the MLP
+    (``mlp_loss``) with ``masks`` held fixed (``jaxprune.fixed_masks``). The
+    masks are arguments of the jitted function, so every mask reuses one
+    compile, and every call sees the same batches."""
+    (x, y), _ = data
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    idx = np.random.default_rng(1).integers(0, len(x), (steps, batch_size))
+
+    @jax.jit
+    def train(params, masks, idx):
+        tx = jaxprune.fixed_masks(optax.adam(lr), masks)
+
+        def step(carry, batch):
+            p, s = carry
+            grads = jax.grad(lambda q: mlp_loss(q, None, xs[batch], ys[batch])[0])(p)
+            updates, s = tx.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        return jax.lax.scan(step, (params, tx.init(params)), idx)[0][0]
+
+    return lambda params, masks: train(params, masks, idx)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import time
 
-import jax
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -24,28 +22,6 @@ import jaxprune
 from jaxprune import lottery
 
 import common
-
-
-def make_train(data, steps, batch_size=128, lr=1e-3):
-    """``train(params, masks) -> params``: ``steps`` Adam steps on the masked
-    network, one compile for every round (the masks are jit arguments)."""
-    (x, y), _ = data
-    xs, ys = jax.numpy.asarray(x), jax.numpy.asarray(y)
-    idx = np.random.default_rng(1).integers(0, len(x), (steps, batch_size))
-
-    @jax.jit
-    def train(params, masks, idx):
-        tx = jaxprune.fixed_masks(optax.adam(lr), masks)
-
-        def step(carry, batch):
-            p, s = carry
-            grads = jax.grad(lambda q: common.mlp_loss(q, None, xs[batch], ys[batch])[0])(p)
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
-
-        return jax.lax.scan(step, (params, tx.init(params)), idx)[0][0]
-
-    return lambda params, masks: train(params, masks, idx)
 
 
 def main(argv=None):
@@ -67,7 +43,7 @@ def main(argv=None):
     early, _ = common.train_mlp(init, optax.adam(1e-3), data, args.rewind, chunk=args.rewind,
                                 desc=f"{args.rewind} steps to the rewind point")
     early = lottery.snapshot(early)
-    train = make_train(data, args.steps)
+    train = common.fixed_mask_trainer(data, args.steps)
 
     bar = tqdm(total=args.rounds + 1, desc="IMP rounds (train, prune, rewind)", unit="round")
 

@@ -36,29 +36,6 @@ METHODS = {
 }
 
 
-def make_finetune(data, steps, batch_size, lr=1e-3):
-    """One compiled fine-tune for every mask: the masks are an argument of the
-    jitted function, so ``fixed_masks`` is built inside the trace."""
-    (x, y), _ = data
-    xs, ys = jax.numpy.asarray(x), jax.numpy.asarray(y)
-
-    @jax.jit
-    def finetune(params, masks, idx):
-        tx = jaxprune.fixed_masks(optax.adam(lr), masks)
-
-        def step(carry, batch):
-            p, s = carry
-            grads = jax.grad(lambda q: common.mlp_loss(q, None, xs[batch], ys[batch])[0])(p)
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
-
-        return jax.lax.scan(step, (params, tx.init(params)), idx)[0][0]
-
-    rng = np.random.default_rng(1)
-    idx = rng.integers(0, len(x), (steps, batch_size))  # the same batches for every run
-    return lambda params, masks: finetune(params, masks, idx)
-
-
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--steps", type=int, default=600, help="dense training steps")
@@ -79,7 +56,7 @@ def main(argv=None):
     dense_acc = common.mlp_accuracy(dense, data)
     print(f"dense MLP {sizes}: test accuracy {dense_acc:.4f}")
 
-    finetune = make_finetune(data, args.finetune, 128)
+    finetune = common.fixed_mask_trainer(data, args.finetune, 128)
     scores = jaxprune.scores.magnitude(dense)
     results = {m: [] for m in METHODS}
     runs = [(m, s) for m in METHODS for s in args.sparsities]
