@@ -286,3 +286,14 @@ def fixed_mask_trainer(data: tuple, steps: int, batch_size: int = 128, lr: float
         return jax.lax.scan(step, (params, tx.init(params)), idx)[0][0]
 
     return lambda params, masks: train(params, masks, idx)
+
+
+def speedup_plot(points: Sequence[tuple], title: str, out_dir: str, name: str) -> str:
+    """Scatter of (measured speed-up, test accuracy, label) points; returns the saved figure's path."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for speed, acc, label in points:
+        ax.scatter(speed, acc)
+        ax.annotate(label, (speed, acc), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="measured speed-up vs dense (forward latency)", ylabel="test accuracy", title=title)
+    return save_figure(fig, out_dir, name)

@@ -138,14 +138,8 @@ def main(argv=None):
     print(common.table(["model", "channels", "params", "acc shrunk", "acc fine-tuned",
                         "FLOPs/img", "latency", "speed-up"], rows))
 
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for speed, acc, name in points:
-        ax.scatter(speed, acc)
-        ax.annotate(name, (speed, acc), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="measured speed-up vs dense (forward latency)", ylabel="test accuracy",
-           title="structured channel pruning, NNX CNN")
-    print(f"figure: {common.save_figure(fig, args.out, 'structured_cnn.png')}")
+    figure = common.speedup_plot(points, 'structured channel pruning, NNX CNN', args.out, 'structured_cnn.png')
+    print(f"figure: {figure}")
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

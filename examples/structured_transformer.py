@@ -132,14 +132,8 @@ def main(argv=None):
     print(common.table(["model", "heads", "params", "acc pruned", "acc fine-tuned", "FLOPs/seq",
                         "latency", "speed-up"], rows))
 
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for speed, acc, name in points:
-        ax.scatter(speed, acc)
-        ax.annotate(name, (speed, acc), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="measured speed-up vs dense (forward latency)", ylabel="test accuracy",
-           title="removing attention heads and MLP channels")
-    print(f"figure: {common.save_figure(fig, args.out, 'structured_transformer.png')}")
+    figure = common.speedup_plot(points, 'removing attention heads and MLP channels', args.out, 'structured_transformer.png')
+    print(f"figure: {figure}")
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 
