@@ -102,8 +102,8 @@ def _floors(xs: Sequence[jax.Array], sparsity, min_density: Optional[float]) -> 
     if min_density is not None:
         return [min(math.ceil(min_density * x.size), x.size) for x in xs]
     floors = []
-    for x in xs:
-        share = x.size - threshold.prune_count(sparsity, x.size)
+    for x, pruned in zip(xs, threshold.prune_counts([sparsity] * len(xs), [x.size for x in xs])):
+        share = x.size - pruned
         floors.append(-(-share // GUARD_SHARE) if isinstance(share, int)
                       else (share + jnp.uint32(GUARD_SHARE - 1)) // jnp.uint32(GUARD_SHARE))
     return floors
@@ -179,8 +179,9 @@ def _prune_leaves(paths: Sequence[str], xs: Sequence[jax.Array], sparsity: Spars
             _checked_sparsity(sparsity, reporter)
         reporter.report([_negative_check(paths, xs, elementwise, signed)])
         counts: list = [[] for _ in xs]
-        for i, s, shape in zip(owner, per_slice, vshapes):
-            counts[i].append(threshold.prune_count(s, int(np.prod(shape))))
+        per_count = threshold.prune_counts(per_slice, [int(np.prod(v)) for v in vshapes])
+        for i, c in zip(owner, per_count):
+            counts[i].append(c)
         counts = [c[0] if not r else jnp.stack([jnp.asarray(v, jnp.uint32) for v in c])
                   for c, r in zip(counts, rows)]
         keep = threshold._select_each(moved, counts, kept_moved, elementwise, keep=True,

@@ -30,7 +30,7 @@ from jax import lax
 
 from jaxprune import leaf_groups
 
-__all__ = ["order_keys", "lowest", "prune_count"]
+__all__ = ["order_keys", "lowest", "prune_count", "prune_counts"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -107,6 +107,43 @@ def prune_count(sparsity: Union[float, jax.Array], n: Union[int, jax.Array]) -> 
     s = jnp.asarray(sparsity, jnp.float32)
     s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
     return _exact_round_product(s, jnp.asarray(n).astype(jnp.uint32))
+
+
+def prune_counts(sparsities: Sequence[Union[float, jax.Array]],
+                 sizes: Sequence[int]) -> list[Union[int, jax.Array]]:
+    """``[prune_count(s, n) for s, n in zip(sparsities, sizes)]`` with all
+    traced sparsities counted by one vectorised ``_exact_round_product``:
+    under ``jit`` the program holds the ~100-op count once, not once per
+    leaf (128 leaves made it two thirds of a mask update's program).
+    Sparsities that are the same object are converted once."""
+    out: list = [None] * len(sizes)
+    traced, distinct, where = [], [], {}
+    for i, (s, n) in enumerate(zip(sparsities, sizes)):
+        if isinstance(n, (int, np.integer)) and isinstance(
+                s, (int, float, np.integer, np.floating)) and not isinstance(s, (bool, np.bool_)):
+            out[i] = prune_count(s, n)
+            continue
+        if id(s) not in where:
+            where[id(s)] = len(distinct)
+            distinct.append(s)
+        traced.append((i, where[id(s)], n))
+    if not traced:
+        return out
+    if len(traced) == 1:
+        i, _, n = traced[0]
+        out[i] = prune_count(distinct[0], n)
+        return out
+    s = jnp.stack([jnp.asarray(v, jnp.float32) for v in distinct])
+    s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
+    idx = np.asarray([j for _, j, _ in traced])
+    s = s[idx] if len(distinct) > 1 else jnp.broadcast_to(s[0], idx.shape)
+    n = jnp.stack([jnp.asarray(v).astype(jnp.uint32) for _, _, v in traced]) if any(
+        not isinstance(v, (int, np.integer)) for _, _, v in traced) else jnp.asarray(
+        np.asarray([v for _, _, v in traced], np.uint32))
+    counts = _exact_round_product(s, n)
+    for j, (i, _, _) in enumerate(traced):
+        out[i] = counts[j]
+    return out
 
 
 @jax.jit  # one small program, not ~60 eager ops

@@ -119,3 +119,24 @@ def test_drop_and_grow_drops_the_rule_count_of_active_entries():
     new = jax.jit(S.drop_and_grow)(mask, w, grow, 0.9)
     assert not bool(new[:31].any()) and bool(new[31:35].all())
     assert int(new.sum()) == 35
+
+
+@settings(deadline=None, max_examples=15)
+@given(st.lists(st.tuples(st.floats(0, 1, width=32), st.integers(1, 2**31),
+                          st.sampled_from(["python", "traced", "shared"])), min_size=1, max_size=6))
+def test_prune_counts_equals_prune_count_per_leaf(cases):
+    # The vectorised count used under jit (one program for all leaves) must give
+    # each leaf exactly the count of the one rule, whether its sparsity is a
+    # Python float, a traced value of its own, or one traced value shared by leaves.
+    sizes = [n for _, n, _ in cases]
+
+    @jax.jit
+    def counts(traced, shared):
+        sparsities = [s if kind == "python" else shared if kind == "shared" else traced[i]
+                      for i, (s, _, kind) in enumerate(cases)]
+        return [jnp.asarray(c, jnp.uint32) for c in threshold.prune_counts(sparsities, sizes)]
+
+    shared = jnp.float32(cases[0][0])
+    got = counts(jnp.asarray([s for s, _, _ in cases], jnp.float32), shared)
+    expected = [reference(cases[0][0] if kind == "shared" else s, n) for s, n, kind in cases]
+    assert [int(c) for c in got] == expected
