@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.tree import check_same_structure
 
@@ -38,7 +39,17 @@ def random(params: PyTree, key: jax.Array) -> PyTree:
     """
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, max(len(leaves), 1))
-    out = [jax.random.uniform(k, jnp.shape(x), dtype=jnp.float32) for k, x in zip(keys, leaves)]
+    by_shape: dict = {}
+    for i, x in enumerate(leaves):
+        by_shape.setdefault(tuple(jnp.shape(x)), []).append(i)
+    out: list = [None] * len(leaves)
+    # Leaves of one shape draw through one vmapped generator (the same values
+    # as one call per leaf): the program holds a generator per shape, not per leaf.
+    for shape, idx in by_shape.items():
+        draw = jax.vmap(lambda k: jax.random.uniform(k, shape, dtype=jnp.float32))(
+            keys[np.asarray(idx)])
+        for j, i in enumerate(idx):
+            out[i] = draw[j]
     return jax.tree.unflatten(treedef, out)
 
 

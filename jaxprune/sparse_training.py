@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune import allocation, threshold
+from jaxprune import allocation, leaf_groups, threshold
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion
 from jaxprune.schedules import SparsitySchedule
@@ -222,6 +222,39 @@ def drop_and_grow(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
     return kept | grown
 
 
+def _grouped_drop_and_grow(masks: PyTree, drop_scores: PyTree, grow_scores: PyTree,
+                           frac: jax.Array, layer_axis: LayerAxis) -> PyTree:
+    """``drop_and_grow`` on every masked leaf (every layer slice of a leaf
+    with a layer axis), leaves of equal shape stacked and updated by one
+    ``lax.map``: the program holds one drop-and-grow per distinct shape,
+    not one per leaf (``jaxprune.leaf_groups``)."""
+    items = [(p, m) for p, m in leaves_with_paths(masks, keep_none=True) if m is not None]
+    axes = layer_axes(items, layer_axis)
+    flat_masks, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
+    chosen = [i for i, m in enumerate(flat_masks) if m is not None]
+    flat_drop = treedef.flatten_up_to(drop_scores)
+    # drop_and_grow ranks grow scores as float32: cast first so that equal leaves stack.
+    flat_grow = [jnp.asarray(g).astype(jnp.float32) if flat_masks[i] is not None else None
+                 for i, g in enumerate(treedef.flatten_up_to(grow_scores))]
+
+    def layers_first(xs):  # a stacked leaf is a stack of rows, one per layer
+        return [xs[i] if a is None else jnp.moveaxis(xs[i], a, 0) for i, a in zip(chosen, axes)]
+
+    ms, ds, gs = layers_first(flat_masks), layers_first(flat_drop), layers_first(flat_grow)
+    rows = [a is not None for a in axes]
+    parts, groups = [], leaf_groups.group_indices(ds, rows=rows)
+    for g in groups:
+        stacked = tuple(leaf_groups.stack(xs, g, rows) for xs in (ms, ds, gs))
+        if stacked[0].shape[0] == 1:
+            parts.append(drop_and_grow(*(x[0] for x in stacked), frac)[None])
+        else:
+            parts.append(lax.map(lambda t: drop_and_grow(*t, frac), stacked))
+    out = list(flat_masks)
+    for i, a, m in zip(chosen, axes, leaf_groups.unstack(parts, groups, len(ms), rows)):
+        out[i] = m if a is None else jnp.moveaxis(m, 0, a)
+    return jax.tree.unflatten(treedef, out)
+
+
 def _drop_fraction_fn(drop_fraction: DropFraction, end: Optional[int],
                       cosine: bool) -> Callable[[jax.Array], jax.Array]:
     if callable(drop_fraction):
@@ -263,18 +296,7 @@ def _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, se
     def update(masks, scores, count, key):
         frac = jnp.asarray(fraction_at(count), jnp.float32)
         drop_scores, grow_scores = scores
-        items = [(p, m) for p, m in leaves_with_paths(masks, keep_none=True) if m is not None]
-        axes = iter(layer_axes(items, layer_axis))
-
-        def one(m, d, gr):
-            a = next(axes)
-            if a is None:
-                return drop_and_grow(m, d, gr, frac)
-            moved = [jnp.moveaxis(v, a, 0) for v in (m, d, gr)]
-            # One drop-and-grow per layer slice, in a loop (one copy in the program).
-            out = lax.map(lambda t: drop_and_grow(*t, frac), tuple(moved))
-            return jnp.moveaxis(out, 0, a)
-        return _map_masks(one, masks, drop_scores, grow_scores)
+        return _grouped_drop_and_grow(masks, drop_scores, grow_scores, frac, layer_axis)
 
     def init_masks(params, selected, key):
         return random_masks(params, sparsity, key, distribution=distribution,

@@ -27,6 +27,18 @@ def test_random_scores_are_reproducible_and_differ_between_leaves():
     assert not np.array_equal(r1["a"], r1["b"])
 
 
+def test_random_scores_are_one_stream_per_leaf_whatever_the_grouping():
+    # Leaves of one shape are drawn by one vmapped generator; each must still get
+    # exactly the stream of its own key (split in leaf order), as drawn alone.
+    p = {"a": jnp.ones((3, 4)), "b": jnp.ones((5,)), "c": jnp.ones((3, 4)), "d": jnp.ones(())}
+    key = jax.random.key(3)
+    got = jax.tree.leaves(jax.jit(scores.random)(p, key))
+    leaves = jax.tree.leaves(p)
+    keys = jax.random.split(key, len(leaves))
+    for g, k, x in zip(got, keys, leaves):
+        np.testing.assert_array_equal(g, jax.random.uniform(k, x.shape, dtype=jnp.float32))
+
+
 def test_scores_work_under_jit_and_keep_structure():
     out = jax.jit(scores.saliency)(W, G)
     assert jax.tree.structure(out) == jax.tree.structure(W)
