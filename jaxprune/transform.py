@@ -261,14 +261,18 @@ def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array
     # One reduction per leaf for both flags: the program grows by one small
     # loop per leaf, not two.
     def code(mk, p):
+        # Bit 1: non-finite, bit 0: finite but nonzero (pruned entries only),
+        # OR-reduced to one byte: one reduction per leaf for both flags.
         finite = jnp.isfinite(p)
-        flags = [~mk & ~finite] + ([~mk & finite & (p != 0)] if checks.zeros else [])
-        return jnp.any(jnp.stack(flags), axis=tuple(range(1, p.ndim + 1)))
+        bits = jnp.where(finite, (p != 0).astype(jnp.uint8) if checks.zeros else jnp.uint8(0),
+                         jnp.uint8(2))
+        return jnp.max(jnp.where(mk, jnp.uint8(0), bits))
 
     found = jnp.stack([code(mk, p) for mk, p in pairs])
+    nonfinite = (found & 2) != 0
     if not checks.zeros:
-        return found[:, 0], off
-    return found[:, 0], found[:, 1] & check_step
+        return nonfinite, off
+    return nonfinite, ((found & 1) != 0) & check_step
 
 
 def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
