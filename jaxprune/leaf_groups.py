@@ -113,7 +113,8 @@ def opaque_indices(n: int) -> tuple:
     of a stack with a constant ``j`` compiles one kernel per row (XLA:CPU
     compiles each for ~0.1 s); with an opaque index the kernels are alike
     and compiled once."""
-    return lax.optimization_barrier(tuple(jnp.int32(j) for j in range(n)))
+    # Unsigned: jax skips its negative-index fix-up (one scalar kernel per row).
+    return lax.optimization_barrier(tuple(jnp.uint32(j) for j in range(n)))
 
 
 def row_counts(arrays: Sequence[Any], rows: Optional[Sequence[bool]] = None) -> list[int]:

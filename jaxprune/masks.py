@@ -95,18 +95,21 @@ def check_options(scope: str, normalize: Optional[str] = None,
 GUARD_SHARE = 10
 
 
-def _floors(xs: Sequence[jax.Array], sparsity, min_density: Optional[float]) -> list:
-    """Minimum kept entries per leaf (Python ints, or traced with a traced
-    sparsity): ``ceil(min_density * n)``, or by default a tenth (rounded up)
-    of the leaf's uniform share ``n - prune_count(sparsity, n)``."""
+def _floors(xs: Sequence[jax.Array], sparsity, min_density: Optional[float]):
+    """Minimum kept entries per leaf: ``ceil(min_density * n)``, or by
+    default a tenth (rounded up) of the leaf's uniform share
+    ``n - prune_count(sparsity, n)``. A list of Python ints, or with a
+    traced sparsity one uint32 vector over the leaves (computed once, so
+    the program does not grow with the leaves)."""
     if min_density is not None:
         return [min(math.ceil(min_density * x.size), x.size) for x in xs]
-    floors = []
-    for x, pruned in zip(xs, threshold.prune_counts([sparsity] * len(xs), [x.size for x in xs])):
-        share = x.size - pruned
-        floors.append(-(-share // GUARD_SHARE) if isinstance(share, int)
-                      else (share + jnp.uint32(GUARD_SHARE - 1)) // jnp.uint32(GUARD_SHARE))
-    return floors
+    sizes = [x.size for x in xs]
+    if _static(sparsity):
+        return [-(-(n - threshold.prune_count(sparsity, n)) // GUARD_SHARE) for n in sizes]
+    n = jnp.asarray(np.asarray(sizes, np.uint32))
+    s = jnp.broadcast_to(jnp.asarray(sparsity, jnp.float32), n.shape)
+    share = n - threshold._exact_round_product(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)), n)
+    return (share + jnp.uint32(GUARD_SHARE - 1)) // jnp.uint32(GUARD_SHARE)
 
 
 def _checked_sparsity(sparsity, reporter: diagnostics.Reporter):
@@ -257,7 +260,7 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
     loops per leaf to the program, not a second selection.
     """
     floors = _floors(xs, sparsity, min_density)
-    free = total - sum(floors)
+    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
     if _static(n_prune, free):
         if n_prune > free:
             raise ValueError(
@@ -318,7 +321,7 @@ def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
     groups = leaf_groups.group_indices(xs, kept)
     px = [leaf_groups.stack(xs, g) for g in groups]
     pk = [leaf_groups.stack(kept, g) for g in groups]
-    pf = [jnp.stack([jnp.asarray(floors[i], jnp.uint32) for i in g]) for g in groups]
+    pf = [jnp.asarray(floors, jnp.uint32)[np.asarray(g)] for g in groups]
 
     def tops(x, k, f, on):
         def one(args):
@@ -360,7 +363,7 @@ def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:
     out = []
     for g in groups:
         x, kp = leaf_groups.stack(xs, g), leaf_groups.stack(kept, g)
-        floor = jnp.stack([jnp.asarray(floors[i], jnp.uint32) for i in g])
+        floor = jnp.asarray(floors, jnp.uint32)[np.asarray(g)]
         flag = protect[np.asarray(g)]
 
         def one(args):
