@@ -5,7 +5,8 @@ trained by a jitted step (forward, backward, optimizer, masks). Variants:
 plain ``optax.adam``; ``adam + jaxprune.prune`` (90% magnitude) whose masks
 are set at step 0 only ("ordinary" steps), or recomputed at every step with
 local or global scope ("update" steps); ``jaxprune.pruned(adam)`` updating
-masks every step; ``jaxprune.rigl(adam)`` dropping and growing every step.
+masks every step; ``jaxprune.rigl(adam)`` and ``jaxprune.sparse_evolutionary(adam)`` (SET)
+dropping and growing every step.
 
 Compile time is ``jax.jit(step).lower(...).compile()`` (tracing included,
 a fresh ``jit`` each time so no cache is hit). Step times are interleaved
@@ -56,6 +57,8 @@ def variants() -> dict:
         "global": optax.chain(adam, jaxprune.prune(sparsity=every, scope="global")),
         "pruned": jaxprune.pruned(adam, sparsity=every, scope="local"),
         "rigl": jaxprune.rigl(adam, 0.9, every=1, end=10**9, distribution="uniform"),
+        "set": jaxprune.sparse_evolutionary(adam, 0.9, every=1, end=10**9,
+                                            distribution="uniform"),
     }
 
 
@@ -115,7 +118,7 @@ def table(results: dict, width: int) -> str:
                  for k in names]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", f"Step time (ms), same models; ratio: median of per-round ratios to plain "
-              "adam (ordinary: masks fixed; local/global/pruned/rigl: masks recomputed every "
+              "adam (ordinary: masks fixed; local/global/pruned/rigl/set: masks recomputed every "
               "step).", "",
               "| leaves | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
