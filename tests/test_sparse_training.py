@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jaxprune
 from helpers import mlp_apply, mlp_init
@@ -362,3 +362,37 @@ def forward_relu(params, x):
         if i < n - 1:
             x = jax.nn.relu(x)
     return x
+
+
+_SHAPES = {"a": (4, 4), "b": (2, 8), "c": (4, 4), "stack": (4, 3, 4), "d": (4, 4)}
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data(), st.floats(0.0, 1.0, width=32))
+def test_grouped_drop_and_grow_equals_each_leaf_and_layer_alone(data, fraction):
+    # Leaves of equal shape are stacked and updated by one lax.map; a leaf with a
+    # layer axis (here axis 1 of "stack") joins as rows. Every leaf and every layer
+    # slice must get exactly the update it gets alone (leaf order, no mixing).
+    def draw(shape, elements):
+        return np.array(data.draw(st.lists(elements, min_size=int(np.prod(shape)),
+                                           max_size=int(np.prod(shape)))),
+                        ).reshape(shape)
+    masks = {k: draw(s, st.booleans()) for k, s in _SHAPES.items()}
+    drop = {k: draw(s, small).astype(np.float32) for k, s in _SHAPES.items()}
+    grow = {k: draw(s, small).astype(np.float32) for k, s in _SHAPES.items()}
+    masks["skipped"], drop["skipped"], grow["skipped"] = None, np.ones(3, np.float32), np.ones(3, np.float32)
+    got = _jit_grouped(masks, drop, grow, jnp.float32(fraction))
+    assert got["skipped"] is None
+    for k in _SHAPES:
+        if k == "stack":
+            for j in range(_SHAPES[k][1]):
+                expect = _reference_drop_and_grow(masks[k][:, j], drop[k][:, j], grow[k][:, j],
+                                                  fraction)
+                np.testing.assert_array_equal(np.asarray(got[k][:, j]).ravel(), expect)
+        else:
+            np.testing.assert_array_equal(
+                np.asarray(got[k]).ravel(),
+                _reference_drop_and_grow(masks[k], drop[k], grow[k], fraction))
+
+
+_jit_grouped = jax.jit(lambda m, d, g, f: S._grouped_drop_and_grow(m, d, g, f, {"stack": 1}))
