@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxprune.tree import check_same_structure
 
@@ -48,6 +49,8 @@ def random(params: PyTree, key: jax.Array) -> PyTree:
     for shape, idx in by_shape.items():
         draw = jax.vmap(lambda k: jax.random.uniform(k, shape, dtype=jnp.float32))(
             keys[np.asarray(idx)])
+        # Materialised once: XLA would otherwise fuse the generator into every slice.
+        draw = lax.optimization_barrier(draw)
         for j, i in enumerate(idx):
             out[i] = draw[j]
     return jax.tree.unflatten(treedef, out)
