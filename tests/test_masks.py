@@ -458,12 +458,16 @@ def test_guard_over_stacks_of_equal_leaves_matches_the_reference(leaves, s):
         np.testing.assert_array_equal(np.asarray(g).ravel(), r)
 
 
+# Module level: one compile per list length (2, 3 or 4 leaves), not one per example.
+_jit_signed_local = jax.jit(lambda ls, s: M.unstructured(ls, s, signed=True))
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.lists(hnp.arrays(np.float32, (3, 4), elements=st.sampled_from([0.0, 1.0, 2.0, np.nan])),
                 min_size=2, max_size=4), st.floats(0.0, 1.0, width=32))
 def test_local_masks_of_equal_leaves_match_each_leaf_alone(leaves, s):
     # One lax.map over the stack of equal leaves must equal one selection per leaf.
-    got = jax.jit(lambda ls, s: M.unstructured(ls, s, signed=True))(leaves, jnp.float32(s))
+    got = _jit_signed_local(leaves, jnp.float32(s))
     for x, g in zip(leaves, got):
         alone = M.unstructured([x], float(s), signed=True)[0]
         np.testing.assert_array_equal(np.asarray(g), np.asarray(alone))
