@@ -30,7 +30,7 @@ import optax
 import jaxprune
 
 FULL = dict(leaves=(8, 128, 512), width=256, compile_repeats=2, step_repeats=7)
-QUICK = dict(leaves=(8, 32), width=64, compile_repeats=2, step_repeats=5)
+QUICK = dict(leaves=(8, 32), width=64, compile_repeats=1, step_repeats=5)
 
 
 def init(n_leaves: int, width: int, key=jax.random.key(0)) -> dict:

@@ -30,7 +30,8 @@ from jax import lax
 
 from jaxprune import leaf_groups
 
-__all__ = ["order_keys", "lowest", "prune_count", "prune_counts"]
+__all__ = ["order_keys", "lowest", "prune_count", "prune_counts", "prune_count_vector",
+           "select_stacked_rows"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -107,6 +108,24 @@ def prune_count(sparsity: Union[float, jax.Array], n: Union[int, jax.Array]) -> 
     s = jnp.asarray(sparsity, jnp.float32)
     s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
     return _exact_round_product(s, jnp.asarray(n).astype(jnp.uint32))
+
+
+def prune_count_vector(sparsities: Sequence[Union[float, jax.Array]],
+                       sizes: Sequence[int]) -> jax.Array:
+    """``prune_count(s, n)`` for every pair, as one uint32 vector computed by
+    one vectorised exact product (the same rule: float32 sparsity, exact
+    product, round half to even; sparsities clipped to [0, 1], NaN counts
+    0). Sparsities that are the same object are converted once."""
+    distinct, where, idx = [], {}, []
+    for s in sparsities:
+        if id(s) not in where:
+            where[id(s)] = len(distinct)
+            distinct.append(s)
+        idx.append(where[id(s)])
+    s = jnp.stack([jnp.asarray(v, jnp.float32) for v in distinct])
+    s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
+    s = s[np.asarray(idx)] if len(distinct) > 1 else jnp.broadcast_to(s[0], (len(idx),))
+    return _exact_round_product(s, jnp.asarray(np.asarray(sizes, np.uint32)))
 
 
 def prune_counts(sparsities: Sequence[Union[float, jax.Array]],
@@ -781,16 +800,42 @@ def _lowest_each(scores, protected, demoted, kept, n_prunes, wide, elementwise=N
         part, prot, dem, kep = (leaf_groups.stack(a, g, rows) for a in
                                 (scores, protected, demoted, kept))
         counts = jnp.concatenate([jnp.asarray(n_prunes[i], jnp.uint32).reshape(-1) for i in g])
-
-        def one(args, g=g):
-            x, pr, de, ke, n = args
-            lift = lambda a: None if a is None else a[None]
-            return _lowest_parts([x[None]], [lift(pr)], [lift(de)], [lift(ke)], n, [[0]],
-                                 wide, elementwise, keep, signed)[0][0]
-
-        if part.shape[0] == 1:
-            out.append(one((part[0], *(None if a is None else a[0] for a in (prot, dem, kep)),
-                            counts[0]))[None])
-        else:
-            out.append(lax.map(one, (part, prot, dem, kep, counts)))
+        out.append(_select_rows(part, prot, dem, kep, counts, wide, elementwise, keep, signed))
     return leaf_groups.unstack(out, groups, len(scores), rows)
+
+
+def _select_rows(part, prot, dem, kep, counts, wide, elementwise, keep, signed) -> jax.Array:
+    """An independent selection in every row of a stack ``(b, *shape)``
+    (``counts[j]`` entries of row ``j``), by one ``lax.map``."""
+    def one(args):
+        x, pr, de, ke, n = args
+        lift = lambda a: None if a is None else a[None]
+        return _lowest_parts([x[None]], [lift(pr)], [lift(de)], [lift(ke)], n, [[0]],
+                             wide, elementwise, keep, signed)[0][0]
+
+    if part.shape[0] == 1:
+        return one((part[0], *(None if a is None else a[0] for a in (prot, dem, kep)),
+                    counts[0]))[None]
+    return lax.map(one, (part, prot, dem, kep, counts))
+
+
+def select_stacked_rows(parts: Sequence[jax.Array], kept: Sequence[Optional[jax.Array]],
+                        counts: Sequence[jax.Array], elementwise=None,
+                        keep: bool = True) -> list[jax.Array]:
+    """``_select_each`` on stacks the caller already holds (``jaxprune.leaf_groups``):
+    for every stack ``parts[p]`` of shape ``(b, *shape)``, row ``j`` loses
+    exactly its ``counts[p][j]`` lowest scores (entries with ``kept`` False
+    first). Returns the stacked keep-masks (or pruned-masks with
+    ``keep=False``). The optax transformations stack params and masks once
+    per step and share the stacks between their checks and this selection."""
+    out = []
+    for part, kep, n in zip(parts, kept, counts):
+        ranked = part if elementwise is None else jax.eval_shape(elementwise, part)
+        wide = jnp.dtype(ranked.dtype).itemsize > 4
+        signed = _check_one_kind([ranked.dtype])
+        size = int(np.prod(part.shape[1:]))
+        if size >= 2**32:
+            raise ValueError(f"cannot select among {size} entries (limit 2**32 - 1)")
+        n = jnp.clip(jnp.asarray(n), 0, size).astype(jnp.uint32)
+        out.append(_select_rows(part, None, None, kep, n, wide, elementwise, keep, signed))
+    return out

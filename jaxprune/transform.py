@@ -19,10 +19,11 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
-from jaxprune import diagnostics
+from jaxprune import allocation, diagnostics, leaf_groups, threshold
 from jaxprune import masks as mask_fns
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion, criterion
@@ -98,6 +99,13 @@ class MaskRule(NamedTuple):
         ``kind -> flags`` of ``jaxprune.diagnostics`` checks ("collapse",
         "negative": one flag per masked leaf; "short": one), stored in
         ``PruneState.alerts``.
+      update_stacked: optional ``(masks, params, groups, paths, count) ->
+        masks`` on stacks of equal leaves (``jaxprune.leaf_groups``: part
+        ``p`` stacks the masked leaves ``groups[p]``, ``paths`` names every
+        masked leaf). When set (with ``scores_from_params``), the
+        transformation stacks params and masks once per mask update and its
+        checks and this update share the stacks: the traced program gets
+        fewer per-leaf kernels. Must give the masks ``update`` gives.
     """
 
     criterion: Criterion
@@ -109,6 +117,7 @@ class MaskRule(NamedTuple):
     target: Optional[Callable[[jax.Array], jax.Array]] = None
     follows_changes: bool = False
     reports: bool = False
+    update_stacked: Optional[Callable] = None
 
 
 def _mask_fn(granularity: str, scope: str, where_tree, distribution, normalize,
@@ -185,12 +194,28 @@ def schedule_rule(score: Any = score_fns.magnitude,
                       n, m, axis, block_shape, reduce, signed, reporter, layer_axis)
         return fn(scores, sched(count)), reporter.found
 
+    def update_stacked(masks, params, groups, paths, count):
+        # The same masks as ``update`` (local scope, nested masks, |w| fused),
+        # on stacks the transformation built once for its checks too.
+        shapes = [None] * len(paths)
+        for part, g in zip(params, groups):
+            for i in g:
+                shapes[i] = tuple(part.shape[1:])
+        per_leaf = allocation.allocate(sched(count), distribution, paths, shapes)
+        counts = threshold.prune_count_vector(per_leaf, [int(np.prod(v)) for v in shapes])
+        return threshold.select_stacked_rows(params, masks, [counts[np.asarray(g)] for g in groups],
+                                             elementwise=fused, keep=True)
+
+    stackable = (granularity == "unstructured" and scope == "local" and not regrow
+                 and layer_axis is None and fused is jnp.abs and normalize is None
+                 and min_density is None)
     # Validate options eagerly so that mistakes surface at construction.
     _mask_fn(granularity, scope, None, distribution, normalize, min_density, n, m, axis,
              block_shape, reduce, layer_axis=layer_axis)
     return MaskRule(crit, sched.is_update_step, update, grows=regrow,
                     scores_from_params=fused is not None, target=sched,
-                    follows_changes=follows_changes, reports=True)
+                    follows_changes=follows_changes, reports=True,
+                    update_stacked=update_stacked if stackable else None)
 
 
 def _dense_masks(params: PyTree, where: Where) -> PyTree:
@@ -275,6 +300,28 @@ def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array
     return nonfinite, ((found & 1) != 0) & check_step
 
 
+def _stacked_param_checks(checks: _Checks, params: list, masks: list, groups, n: int,
+                          check_step) -> tuple[jax.Array, jax.Array]:
+    """``_param_checks`` on stacks of equal leaves: one reduction per stack,
+    flags returned in leaf order."""
+    off = jnp.zeros(n, bool)
+    if not n or not checks.params:
+        return off, off
+
+    def code(mk, p):
+        finite = jnp.isfinite(p)
+        bits = jnp.where(finite, (p != 0).astype(jnp.uint8) if checks.zeros else jnp.uint8(0),
+                         jnp.uint8(2))
+        return jnp.max(jnp.where(mk, jnp.uint8(0), bits), axis=tuple(range(1, p.ndim)))
+
+    order = np.argsort(np.concatenate([np.asarray(g) for g in groups]), kind="stable")
+    found = jnp.concatenate([code(mk, p) for mk, p in zip(masks, params)])[order]
+    nonfinite = (found & 2) != 0
+    if not checks.zeros:
+        return nonfinite, off
+    return nonfinite, ((found & 1) != 0) & check_step
+
+
 def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
                 checks: _Checks):
     """Folds this step into the statistics and, on update steps, new masks.
@@ -327,10 +374,37 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         return run
 
     def update_or_check():
+        if rule.update_stacked is not None and rule.scores_from_params:
+            return update_or_check_stacked()
         # Read once, before either branch: one copy of the checks in the program.
         flags = _param_checks(checks, params, state.masks, check_step)
         return lax.cond(apply, checked(do_update, flags),
                         checked(lambda: (state.masks, stats, {}), flags))
+
+    def update_or_check_stacked():
+        # Params and masks are stacked once; checks and selection share the stacks.
+        flat_masks, treedef = jax.tree.flatten(state.masks, is_leaf=lambda x: x is None)
+        picked = [(path, mk) for path, mk in leaves_with_paths(state.masks, keep_none=True)
+                  if mk is not None]
+        at = [i for i, mk in enumerate(flat_masks) if mk is not None]
+        flat_params = treedef.flatten_up_to(params)
+        ps, ms = [flat_params[i] for i in at], [flat_masks[i] for i in at]
+        groups = leaf_groups.group_indices(ps, ms)
+        P = [leaf_groups.stack(ps, g) for g in groups]
+        K = [leaf_groups.stack(ms, g) for g in groups]
+        flags = _stacked_param_checks(checks, P, K, groups, len(ps), check_step)
+
+        def stacked_update():
+            new = rule.update_stacked(K, P, groups, [path for path, _ in picked], count)
+            new_stats = crit.init(params) if crit.reset_after_update else stats
+            return new, new_stats, {}
+
+        new, new_stats, bookkeeping = lax.cond(apply, checked(stacked_update, flags),
+                                               checked(lambda: (K, stats, {}), flags))
+        out = list(flat_masks)
+        for i, mk in zip(at, leaf_groups.unstack(new, groups, len(ps))):
+            out[i] = mk
+        return jax.tree.unflatten(treedef, out), new_stats, bookkeeping
 
     def ordinary():  # the bookkeeping passes through untouched
         return state.masks, stats, dict(sparsity=state.sparsity, last_update=state.last_update,

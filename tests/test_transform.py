@@ -367,3 +367,41 @@ def test_state_from_a_different_model_names_the_mismatching_path():
     renamed = {"encoder": params["Dense_0"], "Dense_1": params["Dense_1"]}
     with pytest.raises(ValueError, match="Dense_0|encoder"):
         tx.update(renamed, state, renamed)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sparsity=schedules.polynomial(0.9, begin=0, end=4, every=1)),
+    dict(sparsity=schedules.constant(0.7, every=2), distribution="erk"),
+    dict(sparsity=0.6, distribution={"Dense_0": 0.3, ".*": 0.8}),
+])
+def test_stacked_mask_update_equals_the_per_leaf_update(kwargs):
+    # Local magnitude pruning stacks params and masks once per update, shared by the
+    # checks and the selection. Masks, params and alerts must equal the per-leaf path
+    # step for step: equal leaves in one stack, one leaf alone, an unselected bias,
+    # a NaN weight that gets pruned.
+    keys = jax.random.split(jax.random.key(4), 5)
+    shapes = [(12, 8), (8, 4), (12, 8), (12, 8)]  # stacks [0, 2, 3] and [1]: not leaf order
+    params = {f"Dense_{i}": {"kernel": jax.random.normal(k, s), "bias": jnp.ones(s[1])}
+              for i, (k, s) in enumerate(zip(keys, shapes))}
+    params["Dense_2"]["kernel"] = params["Dense_2"]["kernel"].at[0, 0].set(jnp.nan)
+    rule = jaxprune.transform.schedule_rule(**kwargs)
+    assert rule.update_stacked is not None
+    per_leaf = rule._replace(update_stacked=None)
+    txs = [optax.chain(optax.sgd(0.1), jaxprune.prune(rule=r)) for r in (rule, per_leaf)]
+    grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+    runs = []
+    for tx in txs:
+        p, state, update = params, tx.init(params), jax.jit(tx.update)
+        history = []
+        for _ in range(5):
+            updates, state = update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+            history.append((jax.tree.map(np.asarray, optax.tree_utils.tree_get(state, "masks")),
+                            jax.tree.map(np.asarray, p),
+                            jax.tree.map(np.asarray, optax.tree_utils.tree_get(state, "alerts"))))
+        runs.append(history)
+    for (m1, p1, a1), (m2, p2, a2) in zip(*runs):
+        jax.tree.map(np.testing.assert_array_equal, m1, m2)
+        jax.tree.map(np.testing.assert_array_equal, p1, p2)
+        jax.tree.map(np.testing.assert_array_equal, a1, a2)
+    assert not runs[0][-1][0]["Dense_2"]["kernel"][0, 0]  # the NaN weight was pruned
