@@ -101,14 +101,17 @@ def _floors(xs: Sequence[jax.Array], sparsity, min_density: Optional[float]):
     ``n - prune_count(sparsity, n)``. A list of Python ints, or with a
     traced sparsity one uint32 vector over the leaves (computed once, so
     the program does not grow with the leaves)."""
+    return _floors_of_sizes([x.size for x in xs], sparsity, min_density)
+
+
+def _floors_of_sizes(sizes: Sequence[int], sparsity, min_density: Optional[float]):
+    """``_floors`` from the leaf sizes."""
     if min_density is not None:
-        return [min(math.ceil(min_density * x.size), x.size) for x in xs]
-    sizes = [x.size for x in xs]
+        return [min(math.ceil(min_density * n), n) for n in sizes]
     if _static(sparsity):
         return [-(-(n - threshold.prune_count(sparsity, n)) // GUARD_SHARE) for n in sizes]
-    n = jnp.asarray(np.asarray(sizes, np.uint32))
-    s = jnp.broadcast_to(jnp.asarray(sparsity, jnp.float32), n.shape)
-    share = n - threshold._exact_round_product(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)), n)
+    share = (jnp.asarray(np.asarray(sizes, np.uint32))
+             - threshold.prune_count_vector([sparsity] * len(sizes), sizes))
     return (share + jnp.uint32(GUARD_SHARE - 1)) // jnp.uint32(GUARD_SHARE)
 
 
@@ -321,6 +324,34 @@ def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
     groups = leaf_groups.group_indices(xs, kept)
     px = [leaf_groups.stack(xs, g) for g in groups]
     pk = [leaf_groups.stack(kept, g) for g in groups]
+    keep, protect = _guarded_loop_parts(px, pk, groups, floors, elementwise, n_guarded)
+    return leaf_groups.unstack(keep, groups, len(xs)), protect
+
+
+def guarded_stacked(parts: Sequence[jax.Array], kept: Sequence[Optional[jax.Array]], groups,
+                    sparsity, elementwise=None) -> tuple[list[jax.Array], dict]:
+    """Global keep-masks with the default layer-collapse guard on stacks the
+    caller already holds (``jaxprune.leaf_groups``: part ``p`` stacks leaves
+    ``groups[p]``); the masks ``unstructured(..., scope="global")`` gives
+    those leaves, still stacked, and the guard's findings ("collapse": one
+    flag per leaf in leaf order, "short")."""
+    sizes = [0] * sum(len(g) for g in groups)
+    for part, g in zip(parts, groups):
+        for i in g:
+            sizes[i] = int(np.prod(part.shape[1:]))
+    total = sum(sizes)
+    n_prune = threshold.prune_count(sparsity, total)
+    floors = _floors_of_sizes(sizes, sparsity, None)
+    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
+    n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
+    over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+    keep, protect = _guarded_loop_parts(parts, kept, groups, floors, elementwise, n_guarded)
+    return keep, {"collapse": protect, "short": over & jnp.any(protect)}
+
+
+def _guarded_loop_parts(px, pk, groups, floors, elementwise, n_guarded):
+    """``_guarded_loop`` on stacks: returns the stacked keep-masks and the
+    protection flags in leaf order."""
     pf = [jnp.asarray(floors, jnp.uint32)[np.asarray(g)] for g in groups]
 
     def tops(x, k, f, on):
@@ -350,7 +381,7 @@ def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
     protect, keep, _, _ = lax.while_loop(
         lambda c: c[3] | jnp.any(jnp.concatenate(c[2])), body, start)
     order = np.argsort(np.concatenate([np.asarray(g) for g in groups]), kind="stable")
-    return (leaf_groups.unstack(keep, groups, len(xs)), jnp.concatenate(protect)[order])
+    return keep, jnp.concatenate(protect)[order]
 
 
 def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:

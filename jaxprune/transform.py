@@ -15,7 +15,7 @@ updates are rewritten as above. Sparse-training algorithms (RigL, SET) are
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,7 @@ class MaskRule(NamedTuple):
         "negative": one flag per masked leaf; "short": one), stored in
         ``PruneState.alerts``.
       update_stacked: optional ``(masks, params, groups, paths, count) ->
-        masks`` on stacks of equal leaves (``jaxprune.leaf_groups``: part
+        (masks, findings)`` on stacks of equal leaves (``jaxprune.leaf_groups``: part
         ``p`` stacks the masked leaves ``groups[p]``, ``paths`` names every
         masked leaf). When set (with ``scores_from_params``), the
         transformation stacks params and masks once per mask update and its
@@ -201,14 +201,18 @@ def schedule_rule(score: Any = score_fns.magnitude,
         for part, g in zip(params, groups):
             for i in g:
                 shapes[i] = tuple(part.shape[1:])
+        if scope == "global":  # one ranking with the default layer-collapse guard
+            return mask_fns.guarded_stacked(params, masks, groups, sched(count), fused)
         per_leaf = allocation.allocate(sched(count), distribution, paths, shapes)
         counts = threshold.prune_count_vector(per_leaf, [int(np.prod(v)) for v in shapes])
-        return threshold.select_stacked_rows(params, masks, [counts[np.asarray(g)] for g in groups],
-                                             elementwise=fused, keep=True)
+        return threshold.select_stacked_rows(
+            params, masks, [counts[np.asarray(g)] for g in groups], elementwise=fused,
+            keep=True), {}
 
-    stackable = (granularity == "unstructured" and scope == "local" and not regrow
-                 and layer_axis is None and fused is jnp.abs and normalize is None
-                 and min_density is None)
+    stackable = (granularity == "unstructured" and not regrow and layer_axis is None
+                 and fused is jnp.abs and normalize is None and min_density is None
+                 and (scope == "local" or (distribution == "uniform"
+                                           and not isinstance(sparsity, Mapping))))
     # Validate options eagerly so that mistakes surface at construction.
     _mask_fn(granularity, scope, None, distribution, normalize, min_density, n, m, axis,
              block_shape, reduce, layer_axis=layer_axis)
@@ -395,9 +399,9 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         flags = _stacked_param_checks(checks, P, K, groups, len(ps), check_step)
 
         def stacked_update():
-            new = rule.update_stacked(K, P, groups, [path for path, _ in picked], count)
+            new, from_rule = rule.update_stacked(K, P, groups, [path for path, _ in picked], count)
             new_stats = crit.init(params) if crit.reset_after_update else stats
-            return new, new_stats, {}
+            return new, new_stats, from_rule
 
         new, new_stats, bookkeeping = lax.cond(apply, checked(stacked_update, flags),
                                                checked(lambda: (K, stats, {}), flags))

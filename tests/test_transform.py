@@ -373,6 +373,7 @@ def test_state_from_a_different_model_names_the_mismatching_path():
     dict(sparsity=schedules.polynomial(0.9, begin=0, end=4, every=1)),
     dict(sparsity=schedules.constant(0.7, every=2), distribution="erk"),
     dict(sparsity=0.6, distribution={"Dense_0": 0.3, ".*": 0.8}),
+    dict(sparsity=schedules.polynomial(0.95, begin=0, end=4, every=1), scope="global"),
 ])
 def test_stacked_mask_update_equals_the_per_leaf_update(kwargs):
     # Local magnitude pruning stacks params and masks once per update, shared by the
@@ -384,6 +385,7 @@ def test_stacked_mask_update_equals_the_per_leaf_update(kwargs):
     params = {f"Dense_{i}": {"kernel": jax.random.normal(k, s), "bias": jnp.ones(s[1])}
               for i, (k, s) in enumerate(zip(keys, shapes))}
     params["Dense_2"]["kernel"] = params["Dense_2"]["kernel"].at[0, 0].set(jnp.nan)
+    params["Dense_3"]["kernel"] = params["Dense_3"]["kernel"] * 1e-3  # global scope would empty it
     rule = jaxprune.transform.schedule_rule(**kwargs)
     assert rule.update_stacked is not None
     per_leaf = rule._replace(update_stacked=None)
@@ -405,3 +407,6 @@ def test_stacked_mask_update_equals_the_per_leaf_update(kwargs):
         jax.tree.map(np.testing.assert_array_equal, p1, p2)
         jax.tree.map(np.testing.assert_array_equal, a1, a2)
     assert not runs[0][-1][0]["Dense_2"]["kernel"][0, 0]  # the NaN weight was pruned
+    if kwargs.get("scope") == "global":  # the layer-collapse guard acted and said so
+        assert runs[0][-1][2].collapse.tolist() == [False, False, False, True]
+        assert runs[0][-1][0]["Dense_3"]["kernel"].sum() > 0
