@@ -275,6 +275,22 @@ class _Checks(NamedTuple):
     zeros: bool = True      # pruned weights arrive at exactly 0 (the chain order)
 
 
+def _check_codes(checks: _Checks, mk: jax.Array, p: jax.Array, first_axis: int = 0) -> jax.Array:
+    """Bit 1: a non-finite weight at a pruned position, bit 0: a finite but
+    nonzero one, OR-reduced to one byte over the axes from ``first_axis``
+    on: one reduction for both flags."""
+    bits = jnp.where(jnp.isfinite(p),
+                     (p != 0).astype(jnp.uint8) if checks.zeros else jnp.uint8(0), jnp.uint8(2))
+    return jnp.max(jnp.where(mk, jnp.uint8(0), bits), axis=tuple(range(first_axis, p.ndim)))
+
+
+def _flags(checks: _Checks, found: jax.Array, check_step) -> tuple[jax.Array, jax.Array]:
+    nonfinite = (found & 2) != 0
+    if not checks.zeros:
+        return nonfinite, jnp.zeros_like(nonfinite)
+    return nonfinite, ((found & 1) != 0) & check_step
+
+
 def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array, jax.Array]:
     """Per-leaf flags under the current masks, read where the update step
     reads the params anyway: non-finite weights at pruned positions (no
@@ -287,21 +303,7 @@ def _param_checks(checks: _Checks, params, masks, check_step) -> tuple[jax.Array
     off = jnp.zeros(len(pairs), bool)
     if not pairs or not checks.params:
         return off, off
-    # One reduction per leaf for both flags: the program grows by one small
-    # loop per leaf, not two.
-    def code(mk, p):
-        # Bit 1: non-finite, bit 0: finite but nonzero (pruned entries only),
-        # OR-reduced to one byte: one reduction per leaf for both flags.
-        finite = jnp.isfinite(p)
-        bits = jnp.where(finite, (p != 0).astype(jnp.uint8) if checks.zeros else jnp.uint8(0),
-                         jnp.uint8(2))
-        return jnp.max(jnp.where(mk, jnp.uint8(0), bits))
-
-    found = jnp.stack([code(mk, p) for mk, p in pairs])
-    nonfinite = (found & 2) != 0
-    if not checks.zeros:
-        return nonfinite, off
-    return nonfinite, ((found & 1) != 0) & check_step
+    return _flags(checks, jnp.stack([_check_codes(checks, mk, p) for mk, p in pairs]), check_step)
 
 
 def _stacked_param_checks(checks: _Checks, params: list, masks: list, groups, n: int,
@@ -311,19 +313,10 @@ def _stacked_param_checks(checks: _Checks, params: list, masks: list, groups, n:
     off = jnp.zeros(n, bool)
     if not n or not checks.params:
         return off, off
-
-    def code(mk, p):
-        finite = jnp.isfinite(p)
-        bits = jnp.where(finite, (p != 0).astype(jnp.uint8) if checks.zeros else jnp.uint8(0),
-                         jnp.uint8(2))
-        return jnp.max(jnp.where(mk, jnp.uint8(0), bits), axis=tuple(range(1, p.ndim)))
-
     order = np.argsort(np.concatenate([np.asarray(g) for g in groups]), kind="stable")
-    found = jnp.concatenate([code(mk, p) for mk, p in zip(masks, params)])[order]
-    nonfinite = (found & 2) != 0
-    if not checks.zeros:
-        return nonfinite, off
-    return nonfinite, ((found & 1) != 0) & check_step
+    found = jnp.concatenate([_check_codes(checks, mk, p, first_axis=1)
+                             for mk, p in zip(masks, params)])
+    return _flags(checks, found[order], check_step)
 
 
 def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree,
