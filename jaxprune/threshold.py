@@ -110,12 +110,19 @@ def prune_count(sparsity: Union[float, jax.Array], n: Union[int, jax.Array]) -> 
     return _exact_round_product(s, jnp.asarray(n).astype(jnp.uint32))
 
 
+def _check_lengths(sparsities, sizes) -> None:
+    if len(sparsities) != len(sizes):
+        raise ValueError(f"sparsities has {len(sparsities)} entries but sizes has {len(sizes)}: "
+                         "one sparsity per size is needed")
+
+
 def prune_count_vector(sparsities: Sequence[Union[float, jax.Array]],
                        sizes: Sequence[int]) -> jax.Array:
     """``prune_count(s, n)`` for every pair, as one uint32 vector computed by
     one vectorised exact product (the same rule: float32 sparsity, exact
     product, round half to even; sparsities clipped to [0, 1], NaN counts
     0). Sparsities that are the same object are converted once."""
+    _check_lengths(sparsities, sizes)
     distinct, where, idx = [], {}, []
     for s in sparsities:
         if id(s) not in where:
@@ -135,6 +142,7 @@ def prune_counts(sparsities: Sequence[Union[float, jax.Array]],
     under ``jit`` the program holds the ~100-op count once, not once per
     leaf (128 leaves made it two thirds of a mask update's program).
     Sparsities that are the same object are converted once."""
+    _check_lengths(sparsities, sizes)
     out: list = [None] * len(sizes)
     traced, distinct, where = [], [], {}
     for i, (s, n) in enumerate(zip(sparsities, sizes)):

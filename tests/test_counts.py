@@ -136,7 +136,20 @@ def test_prune_counts_equals_prune_count_per_leaf(cases):
                       for i, (s, _, kind) in enumerate(cases)]
         return [jnp.asarray(c, jnp.uint32) for c in threshold.prune_counts(sparsities, sizes)]
 
+    @jax.jit
+    def vector(traced, shared):
+        sparsities = [s if kind == "python" else shared if kind == "shared" else traced[i]
+                      for i, (s, _, kind) in enumerate(cases)]
+        return threshold.prune_count_vector(sparsities, sizes)
+
     shared = jnp.float32(cases[0][0])
-    got = counts(jnp.asarray([s for s, _, _ in cases], jnp.float32), shared)
+    traced = jnp.asarray([s for s, _, _ in cases], jnp.float32)
     expected = [reference(cases[0][0] if kind == "shared" else s, n) for s, n, kind in cases]
-    assert [int(c) for c in got] == expected
+    assert [int(c) for c in counts(traced, shared)] == expected
+    assert [int(c) for c in vector(traced, shared)] == expected
+
+
+def test_prune_counts_refuse_mismatched_lengths():
+    for fn in (threshold.prune_counts, threshold.prune_count_vector):
+        with pytest.raises(ValueError, match="sparsities has 2 entries but sizes has 1"):
+            fn([0.5, 0.5], [10])
