@@ -371,7 +371,7 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         return run
 
     def update_or_check():
-        if rule.update_stacked is not None and rule.scores_from_params:
+        if rule.update_stacked is not None and rule.scores_from_params and _n_masked(state.masks):
             return update_or_check_stacked()
         # Read once, before either branch: one copy of the checks in the program.
         flags = _param_checks(checks, params, state.masks, check_step)
