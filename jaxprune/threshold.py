@@ -132,7 +132,9 @@ def prune_count_vector(sparsities: Sequence[Union[float, jax.Array]],
     s = jnp.stack([jnp.asarray(v, jnp.float32) for v in distinct])
     s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
     s = s[np.asarray(idx)] if len(distinct) > 1 else jnp.broadcast_to(s[0], (len(idx),))
-    return _exact_round_product(s, jnp.asarray(np.asarray(sizes, np.uint32)))
+    n = (jnp.asarray(np.asarray(sizes, np.uint32)) if all(isinstance(v, (int, np.integer)) for v in sizes)
+         else jnp.stack([jnp.asarray(v).astype(jnp.uint32) for v in sizes]))
+    return _exact_round_product(s, n)
 
 
 def prune_counts(sparsities: Sequence[Union[float, jax.Array]],
@@ -144,32 +146,19 @@ def prune_counts(sparsities: Sequence[Union[float, jax.Array]],
     Sparsities that are the same object are converted once."""
     _check_lengths(sparsities, sizes)
     out: list = [None] * len(sizes)
-    traced, distinct, where = [], [], {}
+    traced = []
     for i, (s, n) in enumerate(zip(sparsities, sizes)):
         if isinstance(n, (int, np.integer)) and isinstance(
                 s, (int, float, np.integer, np.floating)) and not isinstance(s, (bool, np.bool_)):
             out[i] = prune_count(s, n)
-            continue
-        if id(s) not in where:
-            where[id(s)] = len(distinct)
-            distinct.append(s)
-        traced.append((i, where[id(s)], n))
-    if not traced:
-        return out
+        else:
+            traced.append(i)
     if len(traced) == 1:
-        i, _, n = traced[0]
-        out[i] = prune_count(distinct[0], n)
-        return out
-    s = jnp.stack([jnp.asarray(v, jnp.float32) for v in distinct])
-    s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
-    idx = np.asarray([j for _, j, _ in traced])
-    s = s[idx] if len(distinct) > 1 else jnp.broadcast_to(s[0], idx.shape)
-    n = jnp.stack([jnp.asarray(v).astype(jnp.uint32) for _, _, v in traced]) if any(
-        not isinstance(v, (int, np.integer)) for _, _, v in traced) else jnp.asarray(
-        np.asarray([v for _, _, v in traced], np.uint32))
-    counts = _exact_round_product(s, n)
-    for j, (i, _, _) in enumerate(traced):
-        out[i] = counts[j]
+        out[traced[0]] = prune_count(sparsities[traced[0]], sizes[traced[0]])
+    elif traced:
+        counts = prune_count_vector([sparsities[i] for i in traced], [sizes[i] for i in traced])
+        for j, i in enumerate(traced):
+            out[i] = counts[j]
     return out
 
 
