@@ -825,6 +825,9 @@ def select_stacked_rows(parts: Sequence[jax.Array], kept: Sequence[Optional[jax.
     first). Returns the stacked keep-masks (or pruned-masks with
     ``keep=False``). The optax transformations stack params and masks once
     per step and share the stacks between their checks and this selection."""
+    if not len(parts) == len(kept) == len(counts):
+        raise ValueError(f"select_stacked_rows: {len(parts)} stacks, {len(kept)} kept masks and "
+                         f"{len(counts)} count vectors; one of each per stack is needed")
     out = []
     for part, kep, n in zip(parts, kept, counts):
         ranked = part if elementwise is None else jax.eval_shape(elementwise, part)

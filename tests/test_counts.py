@@ -153,3 +153,13 @@ def test_prune_counts_refuse_mismatched_lengths():
     for fn in (threshold.prune_counts, threshold.prune_count_vector):
         with pytest.raises(ValueError, match="sparsities has 2 entries but sizes has 1"):
             fn([0.5, 0.5], [10])
+
+
+def test_select_stacked_rows_counts_each_row_and_refuses_mismatched_lists():
+    part = jnp.asarray(np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::-1].copy())
+    keep = threshold.select_stacked_rows([part], [None], [jnp.asarray([0, 3, 8])])[0]
+    assert [int(k.sum()) for k in keep] == [8, 5, 0]
+    # The 3 lowest scores of row 1 are its last three columns (scores descend).
+    assert np.asarray(keep[1]).tolist() == [True] * 5 + [False] * 3
+    with pytest.raises(ValueError, match="1 stacks, 2 kept masks"):
+        threshold.select_stacked_rows([part], [None, None], [jnp.asarray([0, 3, 8])])
