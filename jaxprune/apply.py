@@ -45,7 +45,8 @@ def sparsity(tree: PyTree, where: Where = None) -> jax.Array:
     For a mask pytree (bool leaves, ``None`` for unselected) it is the
     fraction of False entries over the bool leaves. For a parameter pytree it
     is the fraction of exact zeros over the leaves chosen by ``where`` (by
-    default floating leaves with ``ndim >= 2``). Works under ``jit``.
+    default floating leaves with ``ndim >= 2`` not named ``bias`` or
+    ``scale``: see ``jaxprune.tree``). Works under ``jit``.
 
     >>> import jax.numpy as jnp
     >>> float(sparsity({"w": jnp.array([[0.0, 1.0], [0.0, 0.0]])}))

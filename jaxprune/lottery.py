@@ -30,7 +30,7 @@ from jaxprune import threshold
 from jaxprune.allocation import check_sparsity
 from jaxprune.apply import apply_masks
 from jaxprune.tree import (LayerAxis, Where, check_same_structure, is_mask_leaf, layer_axes,
-                           leaves_with_paths, select)
+                           leaves_with_paths, resolve_where, select)
 
 PyTree = Any
 
@@ -118,7 +118,7 @@ def prune_round(params: PyTree, masks: Optional[PyTree], fraction: Union[float, 
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
     if masks is None:
-        masks = dense_masks(params, where)
+        masks = dense_masks(params, resolve_where(where, layer_axis))
     _check_masks(params, masks)
     if not _any_mask(masks):
         raise ValueError("masks select no leaf; nothing to prune")
@@ -227,7 +227,7 @@ def imp(train_fn: Callable[[PyTree, PyTree], PyTree], params: PyTree, *, rounds:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     check_sparsity(fraction, "fraction")
     rewind_params = snapshot(params) if rewind_params is None else rewind_params
-    masks = dense_masks(params, where)
+    masks = dense_masks(params, resolve_where(where, layer_axis))
     current = params
     history = []
     for _ in range(rounds):

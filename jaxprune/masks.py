@@ -25,7 +25,8 @@ import numpy as np
 from jax import lax
 
 from jaxprune import allocation, diagnostics, leaf_groups, threshold
-from jaxprune.tree import LayerAxis, Where, layer_axes, leaves_with_paths, select
+from jaxprune.tree import (LayerAxis, Where, layer_axes, leaves_with_paths, resolve_where,
+                           select)
 
 PyTree = Any
 Sparsity = Union[float, jax.Array, Mapping[str, float]]
@@ -515,8 +516,9 @@ def unstructured(scores: PyTree, sparsity: Sparsity, *, scope: str = "local",
     >>> m = unstructured({"w": jnp.array([[3.0, 1.0], [2.0, 4.0]])}, 0.5)
     >>> m["w"].tolist()
     [[True, False], [False, True]]
-    >>> unstructured({"w": jnp.array([[3.0, 1.0], [2.0, 4.0]])}, 0.5, layer_axis=0)["w"].tolist()
-    [[True, False], [False, True]]
+    >>> stacked = {"w": jnp.array([[[3.0, 1.0], [2.0, 4.0]], [[1.0, 5.0], [6.0, 2.0]]])}
+    >>> unstructured(stacked, 0.5, layer_axis=0)["w"].astype(int).tolist()  # half of each layer
+    [[[1, 0], [0, 1]], [[0, 1], [1, 0]]]
     """
     return _unstructured(scores, sparsity, scope, where, distribution, normalize, min_density,
                          signed=signed, layer_axis=layer_axis)
@@ -532,6 +534,7 @@ def _unstructured(scores: PyTree, sparsity: Sparsity, scope: str, where: Where,
     rank lowest and ``elementwise`` maps the leaves of ``scores`` to scores
     inside the threshold passes (``jnp.abs`` on params: magnitude pruning
     without storing ``|w|``)."""
+    where = resolve_where(where, layer_axis)
     picked, chosen, treedef = _selected(scores, where)
     paths = [p for p, _ in picked]
     kept_leaves = None
@@ -580,6 +583,7 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: Optional[int] = None,
 def _n_of_m(scores, n, m, axis, where, signed, reporter=None, layer_axis=None) -> PyTree:
     if not (isinstance(n, int) and isinstance(m, int)) or m < 1 or not 0 <= n <= m:
         raise ValueError(f"n_of_m needs integers 0 <= n <= m and m >= 1, got n={n}, m={m}")
+    where = resolve_where(where, layer_axis)
     picked, chosen, treedef = _selected(scores, where)
     out = []
     for (path, x), layer in zip(picked, layer_axes(picked, layer_axis)):

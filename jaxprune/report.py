@@ -105,10 +105,10 @@ def summary(params: PyTree, masks: Optional[PyTree] = None, *, where: Where = No
     with totals over the pruned leaves and over the whole model.
 
     A leaf is pruned if it has a mask (``masks`` given) or, without masks,
-    if ``where`` selects it (default: floating leaves with ``ndim >= 2``, as
-    in every ``jaxprune.masks`` function). Nonzeros of a pruned leaf count
-    the entries its mask keeps (without masks: its nonzero values); an
-    unpruned leaf counts as dense. ``sparse_bytes`` is what storing kept
+    if ``where`` selects it (default: floating leaves with ``ndim >= 2`` not
+    named ``bias`` or ``scale``, as in every ``jaxprune.masks`` function).
+    Nonzeros of a pruned leaf count the entries its mask keeps (without
+    masks: its nonzero values); an unpruned leaf counts as dense. ``sparse_bytes`` is what storing kept
     values plus a 1-bit mask costs (dense bytes for unpruned leaves). Runs
     on the host (it reads values), not under ``jit``.
 

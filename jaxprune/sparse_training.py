@@ -37,7 +37,7 @@ from jaxprune.criteria import Criterion
 from jaxprune.schedules import SparsitySchedule
 from jaxprune.transform import MaskRule, _Checks, _prune, pruned, schedule_rule
 from jaxprune.tree import (LayerAxis, Where, check_same_structure, is_mask_leaf, layer_axes,
-                           leaves_with_paths, select)
+                           leaves_with_paths, resolve_where, select)
 
 PyTree = Any
 DropFraction = Union[float, Callable[[jax.Array], jax.Array]]
@@ -72,7 +72,7 @@ def random_masks(params: PyTree, sparsity: Any, key: jax.Array, *,
     >>> int(m["w"].sum())
     4
     """
-    chosen = select(params, where)
+    chosen = select(params, where, layer_axis=layer_axis)
     items = leaves_with_paths(params)
     picked = [(path, x) for (path, x), c in zip(items, chosen) if c]
     axes = layer_axes(picked, layer_axis)
@@ -180,7 +180,7 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: Any, *,
                             where=_selected_tree(params, selected), layer_axis=layer_axis)
 
     rule = MaskRule(_NO_SCORE, _never, _keep, init_masks=init_masks)
-    return pruned(inner, rule=rule, where=where, seed=seed)
+    return pruned(inner, rule=rule, where=resolve_where(where, layer_axis), seed=seed)
 
 
 def _check_overall(sparsity: Any) -> None:
@@ -303,7 +303,7 @@ def _dynamic(inner, sparsity, every, end, drop_fraction, distribution, where, se
                             where=_selected_tree(params, selected), layer_axis=layer_axis)
 
     rule = MaskRule(crit, _update_steps(every, end), update, init_masks, grows=True)
-    return pruned(inner, rule=rule, where=where, seed=seed)
+    return pruned(inner, rule=rule, where=resolve_where(where, layer_axis), seed=seed)
 
 
 def rigl(inner: optax.GradientTransformation, sparsity: Any, *, end: int, every: int = 100,

@@ -28,7 +28,8 @@ from jaxprune import masks as mask_fns
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion, criterion
 from jaxprune.schedules import SparsitySchedule, as_schedule
-from jaxprune.tree import LayerAxis, Where, check_same_structure, leaves_with_paths, select
+from jaxprune.tree import (LayerAxis, Where, check_same_structure, leaves_with_paths, resolve_where,
+                           select)
 
 PyTree = Any
 
@@ -492,7 +493,7 @@ def prune(score: Any = score_fns.magnitude,
         scope=scope, granularity=granularity, distribution=distribution, normalize=normalize,
         min_density=min_density, n=n, m=m, axis=axis, block_shape=block_shape, reduce=reduce,
         every=every, regrow=regrow, signed=signed, layer_axis=layer_axis))
-    return _prune(rule, where, seed, _Checks("jaxprune.prune"))
+    return _prune(rule, resolve_where(where, layer_axis), seed, _Checks("jaxprune.prune"))
 
 
 def _prune(rule: MaskRule, where: Where, seed: int, checks: _Checks
@@ -551,6 +552,7 @@ def pruned(inner: optax.GradientTransformation, score: Any = score_fns.magnitude
     """
     rule = _build_rule(rule, score, sparsity, kwargs)
     checks = _Checks("jaxprune.pruned")
+    where = resolve_where(where, kwargs.get("layer_axis"))
 
     def init(params):
         return PrunedState(inner.init(params), _init_state(rule, where, params, seed))

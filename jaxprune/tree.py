@@ -8,7 +8,13 @@ sits behind a trailing ``.value`` attribute key; that key is dropped so that a
 
 A ``where=`` selector is one of:
 
-* ``None`` -- floating-point leaves with ``ndim >= 2`` (kernels, embeddings);
+* ``None`` -- floating-point leaves with ``ndim >= 2`` (kernels, embeddings),
+  except leaves named ``bias`` or ``scale``: Flax attention biases are
+  ``(heads, head_dim)``, and under ``nn.scan`` every bias and norm scale
+  gains a layer axis (often without the partitioning metadata that
+  ``scan_axes`` reads). With ``layer_axis`` a stacked leaf's layer axis is
+  not counted either, so a scanned model's default selection is its
+  unrolled twin's;
 * a ``str`` -- a regular expression searched (``re.search``) in the path;
 * a callable ``(path, leaf) -> bool``;
 * a pytree of Python bools with the same structure as the tree.
@@ -38,6 +44,7 @@ __all__ = [
     "check_same_structure",
     "layer_axes",
     "scan_axes",
+    "resolve_where",
 ]
 
 #: ``layer_axis=`` of the mask functions and transformations: the axis of a
@@ -96,11 +103,17 @@ def _is_floating(leaf: Any) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
-def _default_selected(path: str, leaf: Any) -> bool:
-    return _is_floating(leaf) and np.ndim(leaf) >= 2
+_NOT_WEIGHTS = ("bias", "scale")  # Flax's names for biases and norm scales
 
 
-def select(tree: PyTree, where: Where = None, *, require_any: bool = True) -> list[bool]:
+def _default_selected(path: str, leaf: Any, stacked: bool = False) -> bool:
+    # A layer axis is not a weight axis: a stacked (L, d) vector is L vectors.
+    return (_is_floating(leaf) and np.ndim(leaf) - stacked >= 2
+            and path.rsplit("/", 1)[-1] not in _NOT_WEIGHTS)
+
+
+def select(tree: PyTree, where: Where = None, *, require_any: bool = True,
+           layer_axis: LayerAxis = None) -> list[bool]:
     """Evaluates a ``where=`` selector to one Python bool per leaf of ``tree``.
 
     Args:
@@ -109,6 +122,9 @@ def select(tree: PyTree, where: Where = None, *, require_any: bool = True) -> li
         a bool pytree shaped like ``tree`` (see the module docstring).
       require_any: raise if nothing is selected (a selector that matches no
         leaf is almost always a typo, and an empty mask would hide it).
+      layer_axis: as in ``layer_axes``; only the default (``where=None``)
+        reads it: a leaf that stacks layers is selected when each layer
+        slice would be (``ndim - 1 >= 2``).
 
     Returns:
       ``list[bool]`` aligned with ``jax.tree.leaves(tree)``.
@@ -118,8 +134,12 @@ def select(tree: PyTree, where: Where = None, *, require_any: bool = True) -> li
     [False, True]
     >>> select({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, where="b$")
     [True, False]
+    >>> select({"layers": {"kernel": jnp.ones((4, 2, 2)), "scale": jnp.ones((4, 2))}},
+    ...        layer_axis={"layers/": 0})
+    [True, False]
     """
     items = leaves_with_paths(tree)
+    where = resolve_where(where, layer_axis)
     if where is None:
         chosen = [_default_selected(p, leaf) for p, leaf in items]
     elif isinstance(where, str):
@@ -136,7 +156,7 @@ def select(tree: PyTree, where: Where = None, *, require_any: bool = True) -> li
         raise ValueError(
             f"where={_short(where)} selects no leaf; the tree has leaves "
             f"{[p for p, _ in items][:8]}{' ...' if len(items) > 8 else ''}. "
-            "The default selects floating leaves with ndim >= 2.")
+            "The default selects floating leaves with ndim >= 2 not named bias or scale.")
     return chosen
 
 
@@ -214,6 +234,62 @@ def layer_axes(items: Sequence[tuple[str, Any]], layer_axis: LayerAxis) -> list[
     """
     if layer_axis is None:
         return [None] * len(items)
+    pick = _axis_picker(layer_axis)
+    out = []
+    for path, leaf in items:
+        axis = pick(path, leaf)
+        if axis is None:
+            out.append(None)
+            continue
+        if not _stacks(axis, leaf):
+            raise ValueError(f"leaf '{path}' of shape {tuple(np.shape(leaf))} has no layer axis "
+                             f"{axis!r}")
+        out.append(int(axis) % np.ndim(leaf))
+    return out
+
+
+class _StackedDefault:
+    """The default selector for a tree whose leaves may stack layers."""
+
+    def __init__(self, layer_axis: LayerAxis):
+        self.layer_axis, self._pick = layer_axis, _axis_picker(layer_axis)
+
+    def __call__(self, path: str, leaf: Any) -> bool:
+        return _default_selected(path, leaf, _stacks(self._pick(path, leaf), leaf))
+
+    def __repr__(self) -> str:
+        return f"None (layer_axis={self.layer_axis!r})"
+
+
+def resolve_where(where: Where, layer_axis: LayerAxis) -> Where:
+    """``where`` as the functions that take ``layer_axis`` read it: the
+    default (``None``) does not count a stacked leaf's layer axis, so the
+    leaves it picks in an ``nn.scan`` model are exactly those it picks in
+    the unrolled model (kernels and embeddings, not the now 2-D LayerNorm
+    scales and biases). Any other ``where`` is returned as is.
+
+    >>> import jax.numpy as jnp
+    >>> tree = {"layers": {"kernel": jnp.ones((4, 2, 2)), "scale": jnp.ones((4, 2))}}
+    >>> select(tree, resolve_where(None, {"layers/": 0}))
+    [True, False]
+    """
+    if where is not None or layer_axis is None:
+        return where
+    return _StackedDefault(layer_axis)
+
+
+def _stacks(axis: Any, leaf: Any) -> bool:
+    """``axis`` is an int naming an axis of ``leaf``."""
+    ndim = np.ndim(leaf)
+    return (isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_))
+            and -ndim <= axis < ndim)
+
+
+def _axis_picker(layer_axis: LayerAxis) -> Callable[[str, Any], Any]:
+    """``(path, leaf) -> axis or None`` of a ``layer_axis`` argument
+    (unvalidated: ``layer_axes`` checks the leaf has the axis)."""
+    if layer_axis is None:
+        return lambda path, leaf: None
     if isinstance(layer_axis, (bool, np.bool_)):
         raise TypeError("layer_axis must be an int, a mapping {path_regex: axis} or a callable, "
                         f"got {layer_axis!r}")
@@ -236,18 +312,7 @@ def layer_axes(items: Sequence[tuple[str, Any]], layer_axis: LayerAxis) -> list[
     else:
         raise TypeError("layer_axis must be an int, a mapping {path_regex: axis} or a callable, "
                         f"got {type(layer_axis).__name__}")
-    out = []
-    for path, leaf in items:
-        axis = pick(path, leaf)
-        if axis is None:
-            out.append(None)
-            continue
-        ndim = np.ndim(leaf)
-        if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-            raise ValueError(f"leaf '{path}' of shape {tuple(np.shape(leaf))} has no layer axis "
-                             f"{axis!r}")
-        out.append(int(axis) % ndim)
-    return out
+    return pick
 
 
 def _partition_names(node: Any):

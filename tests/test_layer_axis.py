@@ -18,12 +18,16 @@ L, D, H = 3, 8, 16
 
 
 class Block(nn.Module):
-    """A small transformer block: self-attention (q/k/v/o) and an MLP."""
+    """A small pre-LN transformer block: self-attention (q/k/v/o) and an MLP.
+    Only the kernels carry partitioning metadata (as with Flax's defaults):
+    under ``nn.scan`` the biases and the LayerNorm's scale and bias become
+    2-D leaves that ``scan_axes`` does not name."""
 
     @nn.compact
     def __call__(self, x, _=None):
         init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
         dense = lambda n, name: nn.Dense(n, kernel_init=init, name=name)
+        x = nn.LayerNorm(name="ln")(x)
         q, k, v = dense(D, "q")(x), dense(D, "k")(x), dense(D, "v")(x)
         att = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / D ** 0.5, axis=-1)
         x = x + dense(D, "o")(att @ v)
@@ -94,6 +98,36 @@ def test_scanned_linen_transformer_gets_the_masks_of_its_unrolled_twin(linen_twi
     got = M.unstructured(jaxprune.scores.magnitude(scanned), 0.75, where="kernel", layer_axis=axes, **kw)
     want = M.unstructured(jaxprune.scores.magnitude(unrolled), 0.75, where="kernel", **kw)
     _assert_same_per_layer(got, want)
+
+
+@pytest.mark.parametrize("how", ["unstructured", "n_of_m", "prune", "rigl", "prune_round"])
+def test_default_where_selects_what_the_unrolled_twin_selects(linen_twins, how):
+    # No where=: the default must not pick the scanned biases and LayerNorm
+    # scales (2-D once stacked) that the unrolled twin leaves dense.
+    scanned, unrolled, axes = linen_twins
+    if how == "unstructured":
+        run = lambda p, **kw: M.unstructured(jaxprune.scores.magnitude(p), 0.75, **kw)
+    elif how == "n_of_m":
+        run = lambda p, **kw: M.n_of_m(jaxprune.scores.magnitude(p), 2, 4, **kw)
+    elif how == "prune":
+        def run(p, **kw):
+            tx = optax.chain(optax.sgd(0.0), jaxprune.prune(sparsity=0.75, **kw))
+            return jaxprune.masks_of(jax.jit(lambda q: tx.update(q, tx.init(q), q)[1])(p))
+    elif how == "rigl":
+        run = lambda p, **kw: jaxprune.masks_of(jaxprune.rigl(
+            optax.sgd(0.1), 0.75, end=10, distribution="uniform", **kw).init(p))
+    else:
+        run = lambda p, **kw: jaxprune.lottery.prune_round(p, None, 0.5, scope="local", **kw)
+    got, want = run(scanned, layer_axis=axes), run(unrolled)
+    masked = [jaxprune.tree.path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(
+        got, is_leaf=lambda x: x is None)[0] if m is not None]
+    assert masked == [f"params/layers/{n}/kernel" for n in ("down", "k", "o", "q", "up", "v")]
+    if how != "rigl":  # rigl draws random masks: same leaves, per-layer counts checked below
+        _assert_same_per_layer(got, want)
+    else:
+        want_counts = {n: [int(np.asarray(want["params"][f"layers_{j}"][n]["kernel"]).sum())
+                           for j in range(L)] for n in ("down", "k", "o", "q", "up", "v")}
+        assert _active_per_layer(got) == {f"{n}/kernel": c for n, c in want_counts.items()}
 
 
 def test_global_guard_holds_the_tiny_layer_slice_like_the_unrolled_twin(linen_twins):

@@ -26,6 +26,21 @@ def test_default_selector_takes_floating_leaves_of_rank_two_or_more():
     assert tree.select(t) == [False, True, False, True]
 
 
+def test_default_selector_leaves_out_attention_biases_and_norm_scales_of_any_rank():
+    # Flax attention biases are (heads, head_dim); a scanned LayerNorm's scale is (layers, d).
+    from flax import linen as nn
+    x = jnp.ones((1, 3, 8))
+    mha = nn.MultiHeadDotProductAttention(num_heads=2).init(jax.random.key(0), x, x)
+    picked = [p for p, c in zip(tree.paths(mha), tree.select(mha)) if c]
+    assert picked == [f"params/{n}/kernel" for n in ("key", "out", "query", "value")]
+    stacked = {"ln": {"scale": jnp.ones((4, 8))}, "w": jnp.ones((4, 8)), "k": jnp.ones((4, 8, 8))}
+    assert tree.select(stacked) == [True, False, True]  # k, ln/scale, w (sorted keys)
+    # With a layer axis, a (layers, d) leaf is d-vectors: left out like a bias.
+    assert tree.select(stacked, layer_axis=0) == [True, False, False]
+    assert tree.select(stacked, layer_axis={"^k$": 0}) == [True, False, True]
+    assert tree.select(stacked, where="w", layer_axis=0) == [False, False, True]  # explicit wins
+
+
 def test_regex_callable_and_bool_tree_selectors():
     t = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "b": jnp.ones((3, 3))}
     assert tree.select(t, "bias") == [True, False, False]
