@@ -7,6 +7,17 @@ batched pass or a ``lax.map`` loop -- keeps the traced program (and so the
 compile time) independent of the number of leaves. A leaf that arrives
 already stacked (scanned layers with a layer axis) joins a group as many
 rows at no copy when it is the group's only member.
+
+In a process with one device, leaves are grouped by *size* and stacked
+flattened, ``(leaves, size)``: a Flax attention block's ``(d, heads,
+head_dim)`` and ``(heads, head_dim, d)`` kernels, an MLP's ``(d, 4d)`` and
+``(4d, d)``, an embedding and an untied head each share one group (every
+user of a stack ranks entries by row-major flat index, which flattening
+keeps). Each group costs a copy of the selection in the compiled program,
+so a 2-layer decoder's seven kernel shapes become three sizes and its
+mask update compiles about twice as fast. With several devices a leaf may
+be sharded, and flattening a sharded axis would move data between devices,
+so leaves are grouped by shape there.
 """
 
 from __future__ import annotations
@@ -15,9 +26,24 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__: list[str] = []
+
+_FLATTEN: Optional[bool] = None  # None: flatten when the process has one device (tests force it)
+
+
+def flattens() -> bool:
+    """Whether stacks hold flattened rows (see the module docstring)."""
+    return jax.device_count() == 1 if _FLATTEN is None else _FLATTEN
+
+
+def _row_shape(x: Any, stacked: bool) -> tuple:
+    shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
+    if flattens() and not _explicitly_sharded(x):
+        return (int(np.prod(shape, dtype=np.int64)),)
+    return shape
 
 
 def _sharding_key(x: Any) -> Any:
@@ -39,18 +65,17 @@ def _sharding_key(x: Any) -> Any:
 
 def group_indices(arrays: Sequence[Any], *optional: Sequence[Optional[Any]],
                   rows: Optional[Sequence[bool]] = None) -> list[list[int]]:
-    """Indices of ``arrays`` grouped by (row) shape, dtype, layout and which
-    ``optional`` companions (e.g. masks) are present; groups are listed in
-    order of their first member, members in leaf order. With ``rows[i]``
-    True, array ``i`` is already a stack of rows ``(n, *shape)`` and is
-    grouped by its row shape; such an array is always a group of its own
-    (its rows are already one array)."""
+    """Indices of ``arrays`` grouped by (row) shape -- size when ``flattens()``
+    --, dtype, layout and which ``optional`` companions (e.g. masks) are
+    present; groups are listed in order of their first member, members in
+    leaf order. With ``rows[i]`` True, array ``i`` is already a stack of rows
+    ``(n, *shape)`` and is grouped by its row shape; such an array is always
+    a group of its own (its rows are already one array)."""
     groups: dict = {}
     out: list[list[int]] = []
     for i, x in enumerate(arrays):
         stacked = bool(rows and rows[i])
-        shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
-        key = (shape, jnp.dtype(x.dtype), tuple(o[i] is None for o in optional),
+        key = (_row_shape(x, stacked), jnp.dtype(x.dtype), tuple(o[i] is None for o in optional),
                _sharding_key(x))
         if stacked:
             out.append([i])
@@ -72,39 +97,47 @@ def _explicitly_sharded(x: Any) -> bool:
 def stack(arrays: Sequence[Optional[Any]], idx: Sequence[int],
           rows: Optional[Sequence[bool]] = None) -> Optional[jax.Array]:
     """The arrays ``idx`` as one ``(len(idx), *shape)`` array (None if they
-    are None); a single array gets a free leading axis, an already-stacked
-    one passes through."""
+    are None; ``(len(idx), size)`` when ``flattens()``); a single array gets
+    a free leading axis, an already-stacked one passes through."""
     first = arrays[idx[0]]
     if first is None:
         return None
-    if rows and rows[idx[0]]:
-        return jnp.asarray(first)
+    stacked = bool(rows and rows[idx[0]])
+    row = _row_shape(first, stacked)
+    if stacked:
+        return jnp.asarray(first).reshape(-1, *row)
     if len(idx) == 1:
-        return jnp.asarray(first)[None]
-    first = jnp.asarray(first)
+        return jnp.asarray(first).reshape(1, *row)
+    first = jnp.asarray(first).reshape(row)
     if _explicitly_sharded(first):  # sharding in types: let jnp.stack spell out the layout
         return jnp.stack([jnp.asarray(arrays[i]) for i in idx])
     at = opaque_indices(len(idx))
-    out = jnp.zeros((len(idx), *first.shape), first.dtype)
+    out = jnp.zeros((len(idx), *row), first.dtype)
     for j, i in enumerate(idx):
-        out = lax.dynamic_update_index_in_dim(out, jnp.asarray(arrays[i]), at[j], 0)
+        out = lax.dynamic_update_index_in_dim(out, jnp.asarray(arrays[i]).reshape(row), at[j], 0)
     return out
 
 
 def unstack(parts: Sequence[jax.Array], groups: Sequence[Sequence[int]], n: int,
-            rows: Optional[Sequence[bool]] = None) -> list[jax.Array]:
-    """Inverse of ``stack`` over all groups: the list of ``n`` arrays."""
+            rows: Optional[Sequence[bool]] = None,
+            like: Optional[Sequence[Any]] = None) -> list[jax.Array]:
+    """Inverse of ``stack`` over all groups: the list of ``n`` arrays, each
+    shaped like ``like[i]`` (needed when ``flattens()``)."""
+    if like is None and flattens():
+        raise ValueError("unstack needs like= (the stacked rows are flattened)")
     out: list = [None] * n
+    shape = (lambda i, got: got) if like is None else (lambda i, got: tuple(jnp.shape(like[i])))
     for part, idx in zip(parts, groups):
         if rows and rows[idx[0]]:
-            out[idx[0]] = part
+            out[idx[0]] = part.reshape(shape(idx[0], part.shape))
             continue
         if len(idx) == 1:
-            out[idx[0]] = part[0]
+            out[idx[0]] = part[0].reshape(shape(idx[0], part.shape[1:]))
             continue
         at = opaque_indices(len(idx))
         for j, i in enumerate(idx):
-            out[i] = lax.dynamic_index_in_dim(part, at[j], 0, keepdims=False)
+            out[i] = lax.dynamic_index_in_dim(part, at[j], 0, keepdims=False).reshape(
+                shape(i, part.shape[1:]))
     return out
 
 

@@ -326,7 +326,7 @@ def _guarded_loop(xs, floors, kept, elementwise, n_guarded):
     px = [leaf_groups.stack(xs, g) for g in groups]
     pk = [leaf_groups.stack(kept, g) for g in groups]
     keep, protect = _guarded_loop_parts(px, pk, groups, floors, elementwise, n_guarded)
-    return leaf_groups.unstack(keep, groups, len(xs)), protect
+    return leaf_groups.unstack(keep, groups, len(xs), like=xs), protect
 
 
 def guarded_stacked(parts: Sequence[jax.Array], kept: Sequence[Optional[jax.Array]], groups,
@@ -408,7 +408,7 @@ def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:
             out.append(one((x[0], None if kp is None else kp[0], floor[0], flag[0]))[None])
         else:
             out.append(lax.map(one, (x, kp, floor, flag)))
-    return leaf_groups.unstack(out, groups, len(xs))
+    return leaf_groups.unstack(out, groups, len(xs), like=xs)
 
 
 @functools.partial(jax.jit, static_argnums=3)  # eagerly: one program per leaf shape

@@ -250,7 +250,7 @@ def _grouped_drop_and_grow(masks: PyTree, drop_scores: PyTree, grow_scores: PyTr
         else:
             parts.append(lax.map(lambda t: drop_and_grow(*t, frac), stacked))
     out = list(flat_masks)
-    for i, a, m in zip(chosen, axes, leaf_groups.unstack(parts, groups, len(ms), rows)):
+    for i, a, m in zip(chosen, axes, leaf_groups.unstack(parts, groups, len(ms), rows, like=ms)):
         out[i] = m if a is None else jnp.moveaxis(m, 0, a)
     return jax.tree.unflatten(treedef, out)
 

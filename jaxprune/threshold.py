@@ -613,7 +613,7 @@ def _lowest(scores, protected, demoted, kept, n_prune, wide, elementwise=None, k
     stacked = [[leaf_groups.stack(a, g) for g in groups]
                for a in (scores, protected, demoted, kept)]
     parts = _lowest_parts(*stacked, n_prune, groups, wide, elementwise, keep, signed)
-    return leaf_groups.unstack(parts, groups, len(scores))
+    return leaf_groups.unstack(parts, groups, len(scores), like=scores)
 
 
 def _keys_fn(protected, demoted, kept, wide, elementwise, signed):
@@ -671,7 +671,7 @@ def _lowest_each(scores, protected, demoted, kept, n_prunes, wide, elementwise=N
                                 (scores, protected, demoted, kept))
         counts = jnp.concatenate([jnp.asarray(n_prunes[i], jnp.uint32).reshape(-1) for i in g])
         out.append(_select_rows(part, prot, dem, kep, counts, wide, elementwise, keep, signed))
-    return leaf_groups.unstack(out, groups, len(scores), rows)
+    return leaf_groups.unstack(out, groups, len(scores), rows, like=scores)
 
 
 def _select_rows(part, prot, dem, kep, counts, wide, elementwise, keep, signed) -> jax.Array:

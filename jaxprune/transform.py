@@ -100,10 +100,11 @@ class MaskRule(NamedTuple):
         ``kind -> flags`` of ``jaxprune.diagnostics`` checks ("collapse",
         "negative": one flag per masked leaf; "short": one), stored in
         ``PruneState.alerts``.
-      update_stacked: optional ``(masks, params, groups, paths, count) ->
-        (masks, findings)`` on stacks of equal leaves (``jaxprune.leaf_groups``: part
-        ``p`` stacks the masked leaves ``groups[p]``, ``paths`` names every
-        masked leaf). When set (with ``scores_from_params``), the
+      update_stacked: optional ``(masks, params, groups, paths, shapes, count)
+        -> (masks, findings)`` on stacks of equal leaves
+        (``jaxprune.leaf_groups``: part ``p`` stacks the masked leaves
+        ``groups[p]``, flattened on one device; ``paths`` and ``shapes``
+        name and shape every masked leaf). When set (with ``scores_from_params``), the
         transformation stacks params and masks once per mask update and its
         checks and this update share the stacks: the traced program gets
         fewer per-leaf kernels. Must give the masks ``update`` gives.
@@ -195,13 +196,9 @@ def schedule_rule(score: Any = score_fns.magnitude,
                       n, m, axis, block_shape, reduce, signed, reporter, layer_axis)
         return fn(scores, sched(count)), reporter.found
 
-    def update_stacked(masks, params, groups, paths, count):
+    def update_stacked(masks, params, groups, paths, shapes, count):
         # The same masks as ``update`` (local scope, nested masks, |w| fused),
         # on stacks the transformation built once for its checks too.
-        shapes = [None] * len(paths)
-        for part, g in zip(params, groups):
-            for i in g:
-                shapes[i] = tuple(part.shape[1:])
         if scope == "global":  # one ranking with the default layer-collapse guard
             return mask_fns.guarded_stacked(params, masks, groups, sched(count), fused)
         per_leaf = allocation.allocate(sched(count), distribution, paths, shapes)
@@ -393,14 +390,15 @@ def _step_masks(rule: MaskRule, state: PruneState, params: PyTree, grads: PyTree
         flags = _stacked_param_checks(checks, P, K, groups, len(ps), check_step)
 
         def stacked_update():
-            new, from_rule = rule.update_stacked(K, P, groups, [path for path, _ in picked], count)
+            new, from_rule = rule.update_stacked(K, P, groups, [path for path, _ in picked],
+                                                 [tuple(jnp.shape(p)) for p in ps], count)
             new_stats = crit.init(params) if crit.reset_after_update else stats
             return new, new_stats, from_rule
 
         new, new_stats, bookkeeping = lax.cond(apply, checked(stacked_update, flags),
                                                checked(lambda: (K, stats, {}), flags))
         out = list(flat_masks)
-        for i, mk in zip(at, leaf_groups.unstack(new, groups, len(ps))):
+        for i, mk in zip(at, leaf_groups.unstack(new, groups, len(ps), like=ms)):
             out[i] = mk
         return jax.tree.unflatten(treedef, out), new_stats, bookkeeping
 
