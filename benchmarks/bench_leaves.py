@@ -43,7 +43,8 @@ FULL = dict(leaves=(8, 128, 512), width=256, compile_repeats=2, step_repeats=7)
 QUICK = dict(leaves=(8, 32), width=64, compile_repeats=1, step_repeats=5)
 # Transformers: --leaves counts layers.
 FULL_LM = dict(leaves=(12, 24), width=128, compile_repeats=2, step_repeats=7)
-QUICK_LM = dict(leaves=(2,), width=32, compile_repeats=1, step_repeats=3)
+QUICK_LM = dict(leaves=(1,), width=16, compile_repeats=1, step_repeats=3)
+QUICK_LM_VARIANTS = ("adam", "local")  # a smoke run of the decoder code paths
 VOCAB, SEQ, BATCH, HEADS = 512, 32, 8, 4
 
 
@@ -242,7 +243,8 @@ def run(quick: bool = False, leaves=None, width=None, names=None, models=None,
     parts = []
     for model in models:
         sizes, w = (leaves, width) if model == "mlp" else (layers, lm_width)
-        parts.append(f"### {model}\n\n" + _tables(model, quick, sizes, w, names))
+        chosen = names or (list(QUICK_LM_VARIANTS) if quick and model != "mlp" else None)
+        parts.append(f"### {model}\n\n" + _tables(model, quick, sizes, w, chosen))
     return head + "\n\n".join(parts) + "\n"
 
 

@@ -6,7 +6,8 @@ equal leaves -- one stacked ``(leaves, *shape)`` array, processed by a
 batched pass or a ``lax.map`` loop -- keeps the traced program (and so the
 compile time) independent of the number of leaves. A leaf that arrives
 already stacked (scanned layers with a layer axis) joins a group as many
-rows at no copy when it is the group's only member.
+rows: at no copy when it is the group's only member, else concatenated
+with the others (a scanned block's q/k/v/o stacks are one group).
 
 In a process with one device, leaves are grouped by *size* and stacked
 flattened, ``(leaves, size)``: a Flax attention block's ``(d, heads,
@@ -69,17 +70,14 @@ def group_indices(arrays: Sequence[Any], *optional: Sequence[Optional[Any]],
     --, dtype, layout and which ``optional`` companions (e.g. masks) are
     present; groups are listed in order of their first member, members in
     leaf order. With ``rows[i]`` True, array ``i`` is already a stack of rows
-    ``(n, *shape)`` and is grouped by its row shape; such an array is always
-    a group of its own (its rows are already one array)."""
+    ``(n, *shape)`` and is grouped by its row shape, its rows contiguous in
+    the group's stack."""
     groups: dict = {}
     out: list[list[int]] = []
     for i, x in enumerate(arrays):
         stacked = bool(rows and rows[i])
         key = (_row_shape(x, stacked), jnp.dtype(x.dtype), tuple(o[i] is None for o in optional),
                _sharding_key(x))
-        if stacked:
-            out.append([i])
-            continue
         if key not in groups:
             groups[key] = []
             out.append(groups[key])
@@ -104,10 +102,10 @@ def stack(arrays: Sequence[Optional[Any]], idx: Sequence[int],
         return None
     stacked = bool(rows and rows[idx[0]])
     row = _row_shape(first, stacked)
-    if stacked:
-        return jnp.asarray(first).reshape(-1, *row)
     if len(idx) == 1:
-        return jnp.asarray(first).reshape(1, *row)
+        return jnp.asarray(first).reshape(-1, *row)
+    if rows and any(rows[i] for i in idx):  # rows of stacked leaves, then of the next leaf
+        return jnp.concatenate([jnp.asarray(arrays[i]).reshape(-1, *row) for i in idx])
     first = jnp.asarray(first).reshape(row)
     if _explicitly_sharded(first):  # sharding in types: let jnp.stack spell out the layout
         return jnp.stack([jnp.asarray(arrays[i]) for i in idx])
@@ -128,8 +126,16 @@ def unstack(parts: Sequence[jax.Array], groups: Sequence[Sequence[int]], n: int,
     out: list = [None] * n
     shape = (lambda i, got: got) if like is None else (lambda i, got: tuple(jnp.shape(like[i])))
     for part, idx in zip(parts, groups):
-        if rows and rows[idx[0]]:
+        if len(idx) == 1 and rows and rows[idx[0]]:
             out[idx[0]] = part.reshape(shape(idx[0], part.shape))
+            continue
+        if rows and any(rows[i] for i in idx):
+            if like is None:
+                raise ValueError("unstack needs like= (stacked leaves share the group)")
+            counts = row_counts([like[i] for i in idx], [rows[i] for i in idx])
+            starts = opaque_indices(len(idx), np.cumsum([0] + counts[:-1]).tolist())
+            for i, at, c in zip(idx, starts, counts):
+                out[i] = lax.dynamic_slice_in_dim(part, at, c, 0).reshape(shape(i, None))
             continue
         if len(idx) == 1:
             out[idx[0]] = part[0].reshape(shape(idx[0], part.shape[1:]))
@@ -141,13 +147,14 @@ def unstack(parts: Sequence[jax.Array], groups: Sequence[Sequence[int]], n: int,
     return out
 
 
-def opaque_indices(n: int) -> tuple:
-    """``0, ..., n - 1`` as scalars XLA cannot see through. Slicing row ``j``
-    of a stack with a constant ``j`` compiles one kernel per row (XLA:CPU
-    compiles each for ~0.1 s); with an opaque index the kernels are alike
-    and compiled once."""
+def opaque_indices(n: int, values: Optional[Sequence[int]] = None) -> tuple:
+    """``0, ..., n - 1`` (or ``values``) as scalars XLA cannot see through.
+    Slicing row ``j`` of a stack with a constant ``j`` compiles one kernel
+    per row (XLA:CPU compiles each for ~0.1 s); with an opaque index the
+    kernels are alike and compiled once."""
+    values = range(n) if values is None else values
     # Unsigned: jax skips its negative-index fix-up (one scalar kernel per row).
-    return lax.optimization_barrier(tuple(jnp.uint32(j) for j in range(n)))
+    return lax.optimization_barrier(tuple(jnp.uint32(j) for j in values))
 
 
 def row_counts(arrays: Sequence[Any], rows: Optional[Sequence[bool]] = None) -> list[int]:

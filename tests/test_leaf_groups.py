@@ -53,6 +53,18 @@ def test_groups_are_by_size_when_flattened(monkeypatch):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with pytest.raises(ValueError, match="like="):
         leaf_groups.unstack(parts, leaf_groups.group_indices(xs), len(xs))
+    # A stack of layers (rows) joins the leaves of its row size, its rows contiguous.
+    xs.append(jnp.arange(3 * 48, dtype=jnp.float32).reshape(3, 8, 6))
+    rows = [False] * (len(xs) - 1) + [True]
+    groups = leaf_groups.group_indices(xs, rows=rows)
+    assert groups == [[0, 1, 2, 4, 6, 7], [3, 5]]
+    part = leaf_groups.stack(xs, groups[0], rows)
+    assert part.shape == (8, 48)
+    np.testing.assert_array_equal(np.asarray(part[5:]), np.asarray(xs[7]).reshape(3, 48))
+    back = leaf_groups.unstack([part, leaf_groups.stack(xs, groups[1], rows)], groups, len(xs),
+                               rows, like=xs)
+    for x, y in zip(xs, back):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("kw", [
