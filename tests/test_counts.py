@@ -37,6 +37,14 @@ def test_prune_count_follows_the_float32_rule_eagerly_and_traced(s, n, expected)
     assert int(jax.jit(threshold.prune_count)(jnp.float32(s), jnp.uint32(n))) == expected
 
 
+def test_traced_sparsity_with_a_python_n_of_2_to_the_31_or_more_counts_exactly():
+    # A Python n went through int32 on its way to the uint32 product: n >= 2**31 overflowed.
+    for n in (2**31, 2**32 - 1):
+        s = jnp.float32(0.9)
+        assert int(threshold.prune_count(s, n)) == reference(0.9, n)
+        assert int(jax.jit(lambda t: threshold.prune_counts([t], [n])[0])(s)) == reference(0.9, n)
+
+
 _counts = jax.jit(jax.vmap(threshold.prune_count))
 
 
