@@ -28,8 +28,7 @@ def test_order_keys_preserve_float_order_with_nan_lowest(x):
 # counts and masks freely): every list compiles its programs once, so many
 # examples are cheap. The lists keep the variety: one leaf, several leaves,
 # equal shapes apart (stacked out of leaf order), 1-D and 3-D.
-LOWEST_SHAPES = [[(3,)], [(2, 3), (1, 2, 2)], [(1, 2, 2), (3,), (2, 3), (3,)],
-                 [(2, 3), (2, 3), (2, 3)]]
+LOWEST_SHAPES = [[(3,)], [(1, 2, 2), (3,), (2, 3), (3,)], [(2, 3), (2, 3), (2, 3)]]
 _jit_lowest = jax.jit(threshold.lowest)
 _jit_keys = jax.jit(threshold.order_keys)
 
@@ -38,7 +37,7 @@ def _arrays_of(shapes, elements):
     return st.tuples(*[hnp.arrays(np.float32, s, elements=elements) for s in shapes]).map(list)
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(st.sampled_from(LOWEST_SHAPES).flatmap(
     lambda shapes: _arrays_of(shapes, st.sampled_from([0.0, 1.0, 2.0]))), st.data())
 def test_lowest_marks_exactly_n_with_ties_in_leaf_then_index_order(leaves, data):
@@ -69,10 +68,10 @@ def test_chunking_splits_the_outermost_possible_axis_into_cache_sized_pieces():
     assert axis == 2 and 9 * 512 * 512 // k <= threshold._CHUNK
 
 
-DEMOTED_SHAPES = [[(3,)], [(2, 3), (3,), (2, 3)], [(3,), (2, 3)]]
+DEMOTED_SHAPES = [[(3,)], [(2, 3), (3,), (2, 3)]]
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(st.sampled_from(DEMOTED_SHAPES).flatmap(lambda shapes: st.tuples(
     _arrays_of(shapes, st.sampled_from([0.0, 1.0, 2.0])),
     st.tuples(*[hnp.arrays(np.bool_, s) for s in shapes]).map(list))), st.data())
