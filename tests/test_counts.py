@@ -138,23 +138,19 @@ def test_prune_counts_equals_prune_count_per_leaf(cases):
     # Python float, a traced value of its own, or one traced value shared by leaves.
     sizes = [n for _, n, _ in cases]
 
-    @jax.jit
-    def counts(traced, shared):
+    @jax.jit  # both under one jit: the Python values are baked in, so each example compiles
+    def counts_and_vector(traced, shared):
         sparsities = [s if kind == "python" else shared if kind == "shared" else traced[i]
                       for i, (s, _, kind) in enumerate(cases)]
-        return [jnp.asarray(c, jnp.uint32) for c in threshold.prune_counts(sparsities, sizes)]
-
-    @jax.jit
-    def vector(traced, shared):
-        sparsities = [s if kind == "python" else shared if kind == "shared" else traced[i]
-                      for i, (s, _, kind) in enumerate(cases)]
-        return threshold.prune_count_vector(sparsities, sizes)
+        return ([jnp.asarray(c, jnp.uint32) for c in threshold.prune_counts(sparsities, sizes)],
+                threshold.prune_count_vector(sparsities, sizes))
 
     shared = jnp.float32(cases[0][0])
     traced = jnp.asarray([s for s, _, _ in cases], jnp.float32)
     expected = [reference(cases[0][0] if kind == "shared" else s, n) for s, n, kind in cases]
-    assert [int(c) for c in counts(traced, shared)] == expected
-    assert [int(c) for c in vector(traced, shared)] == expected
+    counts, vector = counts_and_vector(traced, shared)
+    assert [int(c) for c in counts] == expected
+    assert [int(c) for c in vector] == expected
 
 
 def test_prune_counts_refuse_mismatched_lengths():
