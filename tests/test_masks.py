@@ -50,7 +50,7 @@ leaf_lists = st.sampled_from(SHAPE_LISTS).flatmap(lambda shapes: st.tuples(
     *[hnp.arrays(np.float32, shape, elements=small_ints) for shape in shapes]).map(list))
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(leaf_lists, sparsities)
 def test_global_scope_prunes_exact_count_with_ties(leaves, s):
     # min_density=0.0: the unguarded ranking is the spec (the guard has its own tests).
@@ -63,7 +63,7 @@ def test_global_scope_prunes_exact_count_with_ties(leaves, s):
     assert sum(int((~got[k]).sum()) for k in params) == count_rule(s, n)
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(leaf_lists, sparsities)
 def test_local_scope_prunes_exact_count_per_leaf(leaves, s):
     params = [jnp.asarray(x) for x in leaves]
