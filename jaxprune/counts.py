@@ -53,7 +53,10 @@ def prune_count(sparsity: Union[float, jax.Array], n: Union[int, jax.Array]) -> 
         return round(fractions.Fraction(float(s)) * int(n))
     s = jnp.asarray(sparsity, jnp.float32)
     s = jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0))
-    return _exact_round_product(s, jnp.asarray(n).astype(jnp.uint32))
+    # A Python n is converted straight to uint32: through int32 (jnp.asarray's
+    # default) every n >= 2**31 would overflow.
+    n = jnp.asarray(n, jnp.uint32) if static_n else jnp.asarray(n).astype(jnp.uint32)
+    return _exact_round_product(s, n)
 
 
 def _check_lengths(sparsities, sizes) -> None:

@@ -37,6 +37,14 @@ def test_prune_count_follows_the_float32_rule_eagerly_and_traced(s, n, expected)
     assert int(jax.jit(threshold.prune_count)(jnp.float32(s), jnp.uint32(n))) == expected
 
 
+def test_traced_sparsity_with_a_python_n_of_2_to_the_31_or_more_counts_exactly():
+    # A Python n went through int32 on its way to the uint32 product: n >= 2**31 overflowed.
+    for n in (2**31, 2**32 - 1):
+        s = jnp.float32(0.9)
+        assert int(threshold.prune_count(s, n)) == reference(0.9, n)
+        assert int(jax.jit(lambda t: threshold.prune_counts([t], [n])[0])(s)) == reference(0.9, n)
+
+
 _counts = jax.jit(jax.vmap(threshold.prune_count))
 
 
@@ -130,23 +138,19 @@ def test_prune_counts_equals_prune_count_per_leaf(cases):
     # Python float, a traced value of its own, or one traced value shared by leaves.
     sizes = [n for _, n, _ in cases]
 
-    @jax.jit
-    def counts(traced, shared):
+    @jax.jit  # both under one jit: the Python values are baked in, so each example compiles
+    def counts_and_vector(traced, shared):
         sparsities = [s if kind == "python" else shared if kind == "shared" else traced[i]
                       for i, (s, _, kind) in enumerate(cases)]
-        return [jnp.asarray(c, jnp.uint32) for c in threshold.prune_counts(sparsities, sizes)]
-
-    @jax.jit
-    def vector(traced, shared):
-        sparsities = [s if kind == "python" else shared if kind == "shared" else traced[i]
-                      for i, (s, _, kind) in enumerate(cases)]
-        return threshold.prune_count_vector(sparsities, sizes)
+        return ([jnp.asarray(c, jnp.uint32) for c in threshold.prune_counts(sparsities, sizes)],
+                threshold.prune_count_vector(sparsities, sizes))
 
     shared = jnp.float32(cases[0][0])
     traced = jnp.asarray([s for s, _, _ in cases], jnp.float32)
     expected = [reference(cases[0][0] if kind == "shared" else s, n) for s, n, kind in cases]
-    assert [int(c) for c in counts(traced, shared)] == expected
-    assert [int(c) for c in vector(traced, shared)] == expected
+    counts, vector = counts_and_vector(traced, shared)
+    assert [int(c) for c in counts] == expected
+    assert [int(c) for c in vector] == expected
 
 
 def test_prune_counts_refuse_mismatched_lengths():

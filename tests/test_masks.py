@@ -40,12 +40,18 @@ def reference_prune(leaves, sparsity):
 # compiled kernels are reused across examples.
 small_ints = st.integers(-3, 3).map(float)
 SHAPES = [(1, 1), (2, 3), (4, 4), (2, 2, 3)]
-leaf = st.sampled_from(SHAPES).flatmap(
-    lambda shape: hnp.arrays(np.float32, shape, elements=small_ints))
 sparsities = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.25]), st.floats(0.0, 1.0))
+# Lists of leaves are drawn from fixed lists of SHAPES (every list compiles its
+# selection once; values and sparsities vary freely): one leaf, different
+# shapes, and equal shapes apart (stacked out of leaf order).
+SHAPE_LISTS = [[(1, 1)], [(2, 3), (4, 4)], [(2, 2, 3), (1, 1), (2, 2, 3)],
+               [(4, 4), (2, 3), (4, 4)]]
+leaf_lists = st.sampled_from(SHAPE_LISTS).flatmap(lambda shapes: st.tuples(
+    *[hnp.arrays(np.float32, shape, elements=small_ints) for shape in shapes]).map(list))
 
 
-@given(st.lists(leaf, min_size=1, max_size=3), sparsities)
+@settings(max_examples=20)
+@given(leaf_lists, sparsities)
 def test_global_scope_prunes_exact_count_with_ties(leaves, s):
     # min_density=0.0: the unguarded ranking is the spec (the guard has its own tests).
     params = {f"l{i}": jnp.asarray(x) for i, x in enumerate(leaves)}
@@ -57,7 +63,8 @@ def test_global_scope_prunes_exact_count_with_ties(leaves, s):
     assert sum(int((~got[k]).sum()) for k in params) == count_rule(s, n)
 
 
-@given(st.lists(leaf, min_size=1, max_size=3), sparsities)
+@settings(max_examples=20)
+@given(leaf_lists, sparsities)
 def test_local_scope_prunes_exact_count_per_leaf(leaves, s):
     params = [jnp.asarray(x) for x in leaves]
     got = M.unstructured(params, s, scope="local", signed=True)

@@ -2,6 +2,7 @@
 masks keep the params' sharding, the global threshold reduces only histograms
 across devices, and jit / shard_map / pmap training steps agree with one device."""
 
+import functools
 import re
 
 import chex
@@ -184,12 +185,16 @@ def _run(step, params, state, xs, ys):
     return jax.device_get(params), jax.device_get(jaxprune.masks_of(state))
 
 
+# One transformation and one jitted step for the module: the one-device run and
+# the runs it is compared with share the compiled step where their inputs match.
+_TX = _tx()
+_jit_step = jax.jit(lambda p, s, x, y: _step(_TX, p, s, x, y))
+
+
 @pytest.fixture(scope="module")
 def one_device():
-    tx = _tx()
     params = _mlp_params()
-    return _run(jax.jit(lambda p, s, x, y: _step(tx, p, s, x, y)), params, tx.init(params),
-                *_data())
+    return _run(_jit_step, params, _TX.init(params), *_data())
 
 
 def _assert_same_run(got, expected):
@@ -202,14 +207,14 @@ def _assert_same_run(got, expected):
 
 def test_jit_step_with_model_and_data_sharding_matches_one_device(one_device):
     mesh = _mesh(AxisType.Auto)
-    tx = _tx()
+    tx = _TX
     specs = {"Dense_0": {"kernel": P(None, "model"), "bias": P("model")},
              "Dense_1": {"kernel": P("model", None), "bias": P()}}  # Megatron-style MLP
     params = jax.device_put(_mlp_params(), jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
     xs, ys = jax.device_put(_data(), NamedSharding(mesh, P(None, "data")))
     with jax.set_mesh(mesh):
         state = jax.jit(tx.init)(params)
-        got = _run(jax.jit(lambda p, s, x, y: _step(tx, p, s, x, y)), params, state, xs, ys)
+        got = _run(_jit_step, params, state, xs, ys)
     _assert_same_run(got, one_device)
 
 
@@ -273,10 +278,10 @@ def test_per_device_scores_are_averaged_before_masks_are_built():
 # --- bit-packed masks ---------------------------------------------------------
 
 def test_bit_packed_masks_train_identically_at_one_bit_per_weight():
-    tx = _tx()
+    tx = _TX
     packed_tx = distributed.packed(_tx())
     params = _mlp_params()
-    step = jax.jit(lambda p, s, x, y: _step(tx, p, s, x, y))
+    step = _jit_step
     packed_step = jax.jit(lambda p, s, x, y: _step(packed_tx, p, s, x, y))
     xs, ys = _data()
     a, sa = params, tx.init(params)
@@ -355,6 +360,11 @@ def test_averaged_criterion_inside_prune_under_pmap_gives_every_device_the_same_
     chex.assert_trees_all_equal(jax.tree.map(lambda m: m[0], masks), jax.device_get(expected))
 
 
+_stacked_masks = {scope: jax.jit(functools.partial(
+    lambda p, scope: jaxprune.masks.unstructured(jaxprune.scores.magnitude(p), 0.7, scope=scope),
+    scope=scope)) for scope in ("global", "local")}
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_equal_shaped_sharded_leaves_are_stacked_without_gathers(axis_type):
     # Leaves of one shape are stacked into one array (jaxprune.leaf_groups):
@@ -364,8 +374,7 @@ def test_equal_shaped_sharded_leaves_are_stacked_without_gathers(axis_type):
     sharded = {k: jax.device_put(v, NamedSharding(mesh, P(None, "model")))
                for k, v in params.items()}
     for scope in ("global", "local"):
-        fn = jax.jit(lambda p: jaxprune.masks.unstructured(jaxprune.scores.magnitude(p), 0.7,
-                                                           scope=scope))
+        fn = _stacked_masks[scope]  # shared: the unsharded reference compiles once per scope
         with jax.set_mesh(mesh):
             if scope == "global":
                 _assert_only_histograms_cross_devices(fn, sharded)

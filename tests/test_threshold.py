@@ -24,15 +24,28 @@ def test_order_keys_preserve_float_order_with_nan_lowest(x):
                 assert (keys[i] < keys[j]) == (finite[i] < finite[j])
 
 
-@given(st.lists(st.sampled_from([(3,), (2, 3), (1, 2, 2)]).flatmap(
-    lambda shape: hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, 1.0, 2.0]))),
-    min_size=1, max_size=3), st.data())
+# Hypothesis draws the leaf shapes from a few fixed lists (and the values,
+# counts and masks freely): every list compiles its programs once, so many
+# examples are cheap. The lists keep the variety: one leaf, several leaves,
+# equal shapes apart (stacked out of leaf order), 1-D and 3-D.
+LOWEST_SHAPES = [[(3,)], [(1, 2, 2), (3,), (2, 3), (3,)], [(2, 3), (2, 3), (2, 3)]]
+_jit_lowest = jax.jit(threshold.lowest)
+_jit_keys = jax.jit(threshold.order_keys)
+
+
+def _arrays_of(shapes, elements):
+    return st.tuples(*[hnp.arrays(np.float32, s, elements=elements) for s in shapes]).map(list)
+
+
+@settings(max_examples=30)
+@given(st.sampled_from(LOWEST_SHAPES).flatmap(
+    lambda shapes: _arrays_of(shapes, st.sampled_from([0.0, 1.0, 2.0]))), st.data())
 def test_lowest_marks_exactly_n_with_ties_in_leaf_then_index_order(leaves, data):
     total = sum(x.size for x in leaves)
     n = data.draw(st.integers(0, total))
-    keys = [threshold.order_keys(jnp.asarray(x)) for x in leaves]
+    keys = [_jit_keys(jnp.asarray(x)) for x in leaves]
     got = np.concatenate([np.asarray(m).ravel() for m in threshold.lowest(keys, n)])
-    traced = jax.jit(threshold.lowest)(keys, jnp.int32(n))
+    traced = _jit_lowest(keys, jnp.int32(n))
     got_traced = np.concatenate([np.asarray(m).ravel() for m in traced])
     flat = np.concatenate([x.ravel() for x in leaves])
     expected = np.zeros(total, bool)
@@ -55,11 +68,15 @@ def test_chunking_splits_the_outermost_possible_axis_into_cache_sized_pieces():
     assert axis == 2 and 9 * 512 * 512 // k <= threshold._CHUNK
 
 
-@given(st.lists(st.sampled_from([(3,), (2, 3)]).flatmap(
-    lambda shape: st.tuples(hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, 1.0, 2.0])),
-                            hnp.arrays(np.bool_, shape))), min_size=1, max_size=3), st.data())
+DEMOTED_SHAPES = [[(3,)], [(2, 3), (3,), (2, 3)]]
+
+
+@settings(max_examples=30)
+@given(st.sampled_from(DEMOTED_SHAPES).flatmap(lambda shapes: st.tuples(
+    _arrays_of(shapes, st.sampled_from([0.0, 1.0, 2.0])),
+    st.tuples(*[hnp.arrays(np.bool_, s) for s in shapes]).map(list))), st.data())
 def test_demoted_entries_rank_like_nan(pairs, data):
-    leaves, demoted = [p[0] for p in pairs], [p[1] for p in pairs]
+    leaves, demoted = pairs
     total = sum(x.size for x in leaves)
     n = data.draw(st.integers(0, total))
     got = threshold.lowest([jnp.asarray(x) for x in leaves], n,
@@ -96,24 +113,38 @@ LAYOUTS = [dict(_LAYOUT="contiguous"), dict(_LAYOUT="strided"),
            dict(_LAYOUT="contiguous", _CHUNK=4), dict(_LAYOUT="strided", _CHUNK=4)]
 
 
-@settings(deadline=None, max_examples=15)
-@given(st.lists(st.sampled_from([(6, 5), (7, 3), (2, 9, 4), (3, 16), (2, 24), (11,), ()]).flatmap(
-    lambda shape: st.tuples(
-        hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, -1.0, 1.0, 2.0, np.nan])),
-        hnp.arrays(np.bool_, shape))), min_size=1, max_size=4),
+# Fixed shape lists (see LOWEST_SHAPES), compiled once per layout: one leaf
+# chunked along its last axis; a scalar, 1-D, 3-D and two equal leaves apart,
+# whose chunks (with _CHUNK=4) are exact along axis 0, larger than _CHUNK
+# (no divisor fits) or along an inner axis.
+LAYOUT_SHAPES = [[(3, 16)], [(6, 5), (), (2, 9, 4), (6, 5), (11,)]]
+_LAYOUT_FNS = {}
+
+
+def _layout_lowest(layout):
+    """The selection with ``LAYOUTS[layout]``, jitted once per layout (the
+    layout is read while tracing, so call it under ``_patched``)."""
+    if layout not in _LAYOUT_FNS:
+        _LAYOUT_FNS[layout] = jax.jit(lambda s, k, m: threshold._lowest.__wrapped__(
+            s, [None] * len(s), [None] * len(s), k, m, False, jnp.abs))
+    return _LAYOUT_FNS[layout]
+
+
+@settings(deadline=None, max_examples=100)
+@given(st.sampled_from(LAYOUT_SHAPES).flatmap(lambda shapes: st.tuples(
+    _arrays_of(shapes, st.sampled_from([0.0, -1.0, 1.0, 2.0, np.nan])),
+    st.tuples(*[hnp.arrays(np.bool_, s) for s in shapes]).map(list))),
     st.sampled_from(range(len(LAYOUTS))), st.data())
 def test_every_layout_selects_exactly_with_ties_nan_and_kept_masks(pairs, layout, data):
     # Single-device tuning (contiguous chunks, histogram lanes, spare bins)
     # and the multi-device layout must pick the same entries: the suite runs
     # on 8 simulated devices, so both are forced here.
-    leaves, kept = [p[0] for p in pairs], [p[1] for p in pairs]
+    leaves, kept = pairs
     total = sum(x.size for x in leaves)
     n = data.draw(st.integers(0, total))
     with _patched(**LAYOUTS[layout]):
-        fresh = jax.jit(lambda s, k, m: threshold._lowest.__wrapped__(
-            s, [None] * len(s), [None] * len(s), k, m, False, jnp.abs))
-        got = fresh([jnp.asarray(x) for x in leaves], [jnp.asarray(k) for k in kept],
-                    jnp.uint32(n))
+        got = _layout_lowest(layout)([jnp.asarray(x) for x in leaves],
+                                     [jnp.asarray(k) for k in kept], jnp.uint32(n))
     got = np.concatenate([np.asarray(m).ravel() for m in got])
     np.testing.assert_array_equal(got, _reference([np.abs(x) for x in leaves], kept, n))
 
