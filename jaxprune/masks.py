@@ -220,6 +220,10 @@ def _global_per_layer(paths, xs, sparsity, distribution, normalize, min_density,
     """Global scope with stacked leaves: every layer slice takes part as a
     leaf of its own (named ``path[j]``), so the layer-collapse guard and
     ``normalize`` act per layer; the masks are stacked back."""
+    traced = any(isinstance(v, jax.core.Tracer) for v in [sparsity, *xs, *kept])
+    if traced and normalize is None and min_density != 0.0:
+        return _global_rows(paths, xs, sparsity, min_density, kept, elementwise, signed,
+                            reporter, axes)
     vpaths, vxs, vkept, spans = [], [], [], []
     for p, x, d, a in zip(paths, xs, kept, axes):
         if a is None:
@@ -313,6 +317,57 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         ("short", over & jnp.any(protect), lambda short: None if not short.any() else
          "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
          "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+
+
+def _global_rows(paths, xs, sparsity, min_density, kept, elementwise, signed, reporter, axes):
+    """``_global_per_layer`` with the guard under ``jit``, without slicing:
+    a stacked leaf's layers are rows of the stacks (``leaf_groups`` rows),
+    each row a leaf of its own for the floors, the tie order and the
+    reports. Slicing every layer out and stacking the slices again cost a
+    kernel per layer and a copy of the weights at every mask update."""
+    rows = [a is not None for a in axes]
+    moved = [x if a is None else jnp.moveaxis(x, a, 0) for x, a in zip(xs, axes)]
+    kmoved = [d if d is None or a is None else jnp.moveaxis(d, a, 0) for d, a in zip(kept, axes)]
+    counts = leaf_groups.row_counts(moved, rows)
+    starts = np.cumsum([0] + counts[:-1]).tolist()
+    vpaths, vsizes = [], []
+    for p, x, r, c in zip(paths, moved, rows, counts):
+        vpaths += [f"{p}[{j}]" for j in range(c)] if r else [p]
+        vsizes += [int(np.prod(x.shape[1:] if r else x.shape))] * c
+    total = sum(vsizes)
+    n_prune = threshold.prune_count(sparsity, total)
+    floors = _floors_of_sizes(vsizes, sparsity, min_density)
+    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
+    if _static(n_prune, free) and n_prune > free:
+        raise ValueError(f"sparsity={sparsity} prunes {n_prune} of {total} entries, but "
+                         f"min_density={min_density} keeps {total - free}; lower the sparsity, "
+                         "or pass min_density=0.0 to let global pruning empty whole leaves")
+    n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
+    over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+    _checked_sparsity(sparsity, reporter)
+    checks = [_negative_check(paths, xs, elementwise, signed)]
+    groups = leaf_groups.group_indices(moved, kmoved, rows=rows)
+    parts = [leaf_groups.stack(moved, g, rows) for g in groups]
+    pk = [leaf_groups.stack(kmoved, g, rows) for g in groups]
+    vgroups = [[v for i in g for v in range(starts[i], starts[i] + counts[i])] for g in groups]
+    keep_parts, protect = _guarded_loop_parts(parts, pk, vgroups, floors, elementwise, n_guarded)
+    keep = leaf_groups.unstack(keep_parts, groups, len(moved), rows, like=moved)
+    keep = [k if a is None else jnp.moveaxis(k, 0, a) for k, a in zip(keep, axes)]
+    if min_density is None:
+        if reporter.collect:  # flags per leaf (any of its layers)
+            bounds = np.cumsum([0] + counts)
+            held = jnp.stack([jnp.any(protect[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+            names = paths
+        else:  # warnings name the layer (path[j])
+            held, names = protect, vpaths
+        checks += [
+            ("collapse", held, lambda h: None if not h.any() else
+             diagnostics.collapse_message(diagnostics.leaves_flagged(names, h), False)),
+            ("short", over & jnp.any(protect), lambda short: None if not short.any() else
+             "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
+             "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+    reporter.report(checks)
+    return keep
 
 
 def _guarded_loop(xs, floors, kept, elementwise, n_guarded):

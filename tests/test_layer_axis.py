@@ -140,6 +140,18 @@ def test_global_guard_holds_the_tiny_layer_slice_like_the_unrolled_twin(linen_tw
                                   / M.GUARD_SHARE)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(min_density=0.05)])
+def test_jitted_global_guard_on_layer_rows_matches_the_unrolled_twin(linen_twins, kw):
+    # Under jit the guard runs on the stacks' layer rows (no per-layer slices).
+    scanned, unrolled, axes = linen_twins
+    got = jax.jit(lambda s: M.unstructured(s, 0.9, scope="global", layer_axis=axes, **kw))(
+        jaxprune.scores.magnitude(scanned))
+    want = M.unstructured(jaxprune.scores.magnitude(unrolled), 0.9, scope="global", **kw)
+    _assert_same_per_layer(got, want)
+    up = np.asarray(got["params"]["layers"]["up"]["kernel"])
+    assert up[1].sum() >= np.ceil(0.05 * up[1].size) if kw else up[1].sum() > 0  # held
+
+
 def test_local_layer_axis_counts_each_slice_and_any_axis_position():
     w = jax.random.normal(jax.random.key(0), (6, 4, 5))
     for axis in (0, 1, -1):
