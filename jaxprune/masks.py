@@ -268,19 +268,7 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
     loops per leaf to the program, not a second selection.
     """
     floors = _floors(xs, sparsity, min_density)
-    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
-    if _static(n_prune, free):
-        if n_prune > free:
-            raise ValueError(
-                f"sparsity={sparsity} prunes {n_prune} of {total} entries, but "
-                + (f"min_density={min_density}" if min_density is not None else
-                   "the default layer-collapse guard (a tenth of each leaf's uniform share)")
-                + f" keeps {total - free}; lower the sparsity, or pass min_density=0.0 to let "
-                "global pruning empty whole leaves")
-        n_guarded, over = n_prune, jnp.asarray(False)
-    else:
-        n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
-        over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+    n_guarded, over = _guard_budget(floors, total, n_prune, sparsity, min_density)
 
     def below(keep, protect):
         counts = _kept_counts(keep)
@@ -310,11 +298,34 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         keep, protect = _guarded_loop(xs, floors, kept, elementwise, n_guarded)
     if min_density is not None:
         return keep, []  # an explicit floor was asked for: nothing to report
+    return keep, _guard_checks(paths, protect, over & jnp.any(protect))
 
-    return keep, [
-        ("collapse", protect, lambda held: None if not held.any() else
-         diagnostics.collapse_message(diagnostics.leaves_flagged(paths, held), False)),
-        ("short", over & jnp.any(protect), lambda short: None if not short.any() else
+
+def _guard_budget(floors, total: int, n_prune, sparsity, min_density):
+    """``(n_guarded, over)``: how many entries the guarded selection prunes
+    (at most what the floors leave free) and whether that is fewer than
+    asked; refused up front when both are known and the floors win."""
+    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
+    if _static(n_prune, free):
+        if n_prune > free:
+            raise ValueError(
+                f"sparsity={sparsity} prunes {n_prune} of {total} entries, but "
+                + (f"min_density={min_density}" if min_density is not None else
+                   "the default layer-collapse guard (a tenth of each leaf's uniform share)")
+                + f" keeps {total - free}; lower the sparsity, or pass min_density=0.0 to let "
+                "global pruning empty whole leaves")
+        return n_prune, jnp.asarray(False)
+    n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
+    return n_guarded, jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+
+
+def _guard_checks(names: Sequence[str], held, short) -> list:
+    """The default guard's reports: the leaves it held ("collapse", one flag
+    per name) and whether it pruned fewer entries than asked ("short")."""
+    return [
+        ("collapse", held, lambda h: None if not h.any() else
+         diagnostics.collapse_message(diagnostics.leaves_flagged(names, h), False)),
+        ("short", short, lambda sh: None if not sh.any() else
          "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
          "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
 
@@ -337,13 +348,7 @@ def _global_rows(paths, xs, sparsity, min_density, kept, elementwise, signed, re
     total = sum(vsizes)
     n_prune = threshold.prune_count(sparsity, total)
     floors = _floors_of_sizes(vsizes, sparsity, min_density)
-    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
-    if _static(n_prune, free) and n_prune > free:
-        raise ValueError(f"sparsity={sparsity} prunes {n_prune} of {total} entries, but "
-                         f"min_density={min_density} keeps {total - free}; lower the sparsity, "
-                         "or pass min_density=0.0 to let global pruning empty whole leaves")
-    n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
-    over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+    n_guarded, over = _guard_budget(floors, total, n_prune, sparsity, min_density)
     _checked_sparsity(sparsity, reporter)
     checks = [_negative_check(paths, xs, elementwise, signed)]
     groups = leaf_groups.group_indices(moved, kmoved, rows=rows)
@@ -360,12 +365,7 @@ def _global_rows(paths, xs, sparsity, min_density, kept, elementwise, signed, re
             names = paths
         else:  # warnings name the layer (path[j])
             held, names = protect, vpaths
-        checks += [
-            ("collapse", held, lambda h: None if not h.any() else
-             diagnostics.collapse_message(diagnostics.leaves_flagged(names, h), False)),
-            ("short", over & jnp.any(protect), lambda short: None if not short.any() else
-             "the layer-collapse guard pruned fewer entries than asked: the floors exceed what "
-             "the sparsity keeps. Lower the sparsity, or pass min_density=0.0")]
+        checks += _guard_checks(names, held, over & jnp.any(protect))
     reporter.report(checks)
     return keep
 
@@ -398,9 +398,7 @@ def guarded_stacked(parts: Sequence[jax.Array], kept: Sequence[Optional[jax.Arra
     total = sum(sizes)
     n_prune = threshold.prune_count(sparsity, total)
     floors = _floors_of_sizes(sizes, sparsity, None)
-    free = total - (sum(floors) if isinstance(floors, list) else jnp.sum(floors, dtype=jnp.uint32))
-    n_guarded = jnp.minimum(jnp.asarray(n_prune, jnp.uint32), jnp.asarray(free, jnp.uint32))
-    over = jnp.asarray(n_prune, jnp.uint32) > jnp.asarray(free, jnp.uint32)
+    n_guarded, over = _guard_budget(floors, total, n_prune, sparsity, None)
     keep, protect = _guarded_loop_parts(parts, kept, groups, floors, elementwise, n_guarded)
     return keep, {"collapse": protect, "short": over & jnp.any(protect)}
 
