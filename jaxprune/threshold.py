@@ -216,18 +216,26 @@ def _inclusive_sums(v: jax.Array) -> jax.Array:
 
 def _digit_at(hist: jax.Array, remaining) -> tuple[jax.Array, jax.Array]:
     """The bin holding the entry of 0-based rank ``remaining`` of a 2**16-bin
-    histogram, and the count of all bins before it: the 256 rows of 256 bins
-    are searched first, then the bins of the one row."""
-    side = 1 << (_DIGIT_BITS // 2)
-    grid = hist.reshape(side, side)
-    rows_cum = _inclusive_sums(jnp.sum(grid, axis=1, dtype=jnp.uint32))
-    row = jnp.sum(rows_cum <= remaining, dtype=jnp.int32)  # rows wholly below the rank
-    row = jnp.minimum(row, side - 1)
-    rows_before = jnp.where(row > 0, rows_cum[jnp.maximum(row - 1, 0)], jnp.uint32(0))
-    in_row = _inclusive_sums(lax.dynamic_index_in_dim(grid, row, 0, keepdims=False))
-    col = jnp.minimum(jnp.sum(in_row + rows_before <= remaining, dtype=jnp.int32), side - 1)
-    before = rows_before + jnp.where(col > 0, in_row[jnp.maximum(col - 1, 0)], jnp.uint32(0))
-    return row * side + col, before
+    histogram, and the count of all bins before it.
+
+    Searched top-down through block sums of 16**3, 16**2, 16 and 1 bins: one
+    read of the histogram builds the sums, then each level looks at only the
+    16 children of the block found above it (a full prefix sum would cost
+    tens of operations per bin, as much as counting a small leaf)."""
+    fan = 16
+    levels = [hist]
+    while levels[-1].shape[0] > fan:
+        levels.append(jnp.sum(levels[-1].reshape(-1, fan), axis=1, dtype=jnp.uint32))
+    block = jnp.int32(0)
+    before = jnp.uint32(0)
+    for level in reversed(levels):
+        children = lax.dynamic_slice_in_dim(level, block * fan, fan) if level.shape[0] > fan \
+            else level
+        cum = _inclusive_sums(children) + before
+        c = jnp.minimum(jnp.sum(cum <= remaining, dtype=jnp.int32), fan - 1)
+        before = jnp.where(c > 0, cum[jnp.maximum(c - 1, 0)], before)
+        block = block * fan + c
+    return block, before
 
 
 def _kth_key(make_keys, rank):
