@@ -178,3 +178,27 @@ def test_mask_arguments_of_the_wrong_shape_are_refused_naming_the_argument():
         threshold.lowest([jnp.ones((2, 3))], 1, kept=[jnp.ones(3, bool)])
     with pytest.raises(ValueError, match="protected has 2 entries for 1"):
         threshold.lowest([jnp.ones(3)], 1, protected=[None, None])
+
+
+_digit_at = jax.jit(threshold._digit_at)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.data())
+def test_digit_at_finds_the_bin_of_a_rank_like_a_numpy_prefix_sum(data):
+    # Sparse and clustered histograms (empty blocks of 16, 256 and 4096 bins,
+    # counts in the first and last bins) stress the top-down block search.
+    n_filled = data.draw(st.integers(1, 40))
+    bins = data.draw(st.lists(st.one_of(st.integers(0, 65535), st.sampled_from(
+        [0, 15, 16, 255, 256, 4095, 4096, 65519, 65535])), min_size=n_filled,
+        max_size=n_filled))
+    hist = np.zeros(65536, np.uint32)
+    for b in bins:
+        hist[b] += data.draw(st.integers(1, 3))
+    cum = np.cumsum(hist, dtype=np.uint64)
+    rank = data.draw(st.integers(0, int(cum[-1]) - 1))
+    want = int(np.searchsorted(cum, rank, side="right"))  # first bin whose prefix passes rank
+    got, before = _digit_at(jnp.asarray(hist), jnp.uint32(rank))
+    assert int(got) == want
+    assert int(before) == (int(cum[want - 1]) if want else 0)
+    assert hist[want] > 0
