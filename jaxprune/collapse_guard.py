@@ -296,6 +296,10 @@ def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax
     Each pass is a compare and a sum, so this compiles to two small loops
     per leaf (the radix select would add a full engine per leaf) and keeps a
     sharded leaf sharded; it only runs where the layer-collapse guard acts.
+    Either loop is skipped where one pass gives its answer: a leaf with
+    fewer than ``k`` entries above key 0 (``kept`` masks pruned it below its
+    floor: the k-th key is 0), and a cut that keeps every tie (distinct
+    scores).
     """
     score = x if elementwise is None else elementwise(x)
     wide = jnp.dtype(score.dtype).itemsize > 4
@@ -315,7 +319,11 @@ def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
     bits = udt.itemsize * 8
-    t, _ = lax.fori_loop(0, bits, key_step, (jnp.zeros((), udt), jnp.asarray(np.iinfo(udt).max, udt)))
+    zero = jnp.zeros((), udt)
+    # Fewer than k entries above key 0 (kept masks pruned the leaf below its
+    # floor; NaN): t is 0, found in one pass instead of ``bits``.
+    t = lax.cond(count(keys > zero) < k, lambda: zero, lambda: lax.fori_loop(
+        0, bits, key_step, (zero, jnp.asarray(np.iinfo(udt).max, udt)))[0])
     need = k - count(keys > t)  # ties at t to keep, from the last index down
     index = threshold._flat_index(keys).astype(udt)
     tie = keys == t
@@ -326,8 +334,10 @@ def _top_entries(x: jax.Array, k, kept: Optional[jax.Array], elementwise) -> jax
         ok = count(tie & (index >= mid)) <= need
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-    cut, _ = lax.fori_loop(0, max(int(x.size), 1).bit_length() + 1, index_step,
-                           (jnp.zeros((), udt), jnp.asarray(x.size, udt)))
+    # All ties kept (distinct scores: one tie): the cut is 0, no bisection.
+    cut = lax.cond(count(tie) <= need, lambda: jnp.zeros((), udt), lambda: lax.fori_loop(
+        0, max(int(x.size), 1).bit_length() + 1, index_step,
+        (jnp.zeros((), udt), jnp.asarray(x.size, udt)))[0])
     return ((keys > t) | (tie & (index >= cut))) & (k > 0)
 
 
