@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune import allocation, diagnostics, leaf_groups, threshold
+from jaxprune import allocation, collapse_guard, diagnostics, leaf_groups, threshold
 from jaxprune import masks as mask_fns
 from jaxprune import scores as score_fns
 from jaxprune.criteria import Criterion, criterion
@@ -200,7 +200,7 @@ def schedule_rule(score: Any = score_fns.magnitude,
         # The same masks as ``update`` (local scope, nested masks, |w| fused),
         # on stacks the transformation built once for its checks too.
         if scope == "global":  # one ranking with the default layer-collapse guard
-            return mask_fns.guarded_stacked(params, masks, groups, sched(count), fused)
+            return collapse_guard.guarded_stacked(params, masks, groups, sched(count), fused)
         per_leaf = allocation.allocate(sched(count), distribution, paths, shapes)
         counts = threshold.prune_count_vector(per_leaf, [int(np.prod(v)) for v in shapes])
         return threshold.select_stacked_rows(
