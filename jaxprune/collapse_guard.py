@@ -97,14 +97,11 @@ def _guarded(paths, xs, sparsity, min_density, kept, elementwise, n_prune, total
         counts = _kept_counts(keep)
         return jnp.stack([c < f for c, f in zip(counts, floors)]) & ~protect
 
-    def select(protect):
-        if not isinstance(protect, jax.core.Tracer):  # eager: protect only the leaves below
-            # (all-False masks elsewhere, not None: one compiled selection for every case)
-            protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
-                         if bool(protect[i]) else jnp.zeros_like(xs[i], dtype=bool)
-                         for i in range(len(xs))]
-        else:
-            protected = _protected_tops(xs, floors, kept, protect, elementwise)
+    def select(protect):  # eager (concrete flags): protect only the leaves below
+        # (all-False masks elsewhere, not None: one compiled selection for every case)
+        protected = [_top_entries(xs[i], floors[i], kept[i], elementwise)
+                     if bool(protect[i]) else jnp.zeros_like(xs[i], dtype=bool)
+                     for i in range(len(xs))]
         return threshold._select(xs, n_guarded, protected, None, kept, elementwise, keep=True)
 
     protect = jnp.zeros(len(xs), bool)
@@ -258,32 +255,6 @@ def _guarded_loop_parts(px, pk, groups, floors, elementwise, n_guarded):
         lambda c: c[3] | jnp.any(jnp.concatenate(c[2])), body, start)
     order = np.argsort(np.concatenate([np.asarray(g) for g in groups]), kind="stable")
     return keep, jnp.concatenate(protect)[order]
-
-
-def _protected_tops(xs, floors, kept, protect, elementwise) -> list[jax.Array]:
-    """``_top_entries`` of every leaf whose ``protect`` flag is set (all
-    False elsewhere), traced once per group of equal leaves: a ``lax.map``
-    over the group's rows with a ``lax.cond`` inside, so only protected
-    leaves pay for the bisection and the program does not grow with the
-    leaves."""
-    groups = leaf_groups.group_indices(xs, kept)
-    out = []
-    for g in groups:
-        x, kp = leaf_groups.stack(xs, g), leaf_groups.stack(kept, g)
-        floor = jnp.asarray(floors, jnp.uint32)[np.asarray(g)]
-        flag = protect[np.asarray(g)]
-
-        def one(args):
-            row, k, f, on = args
-            # zeros_like keeps the leaf's sharding (both cond branches must match)
-            return lax.cond(on, lambda: _top_entries(row, f, k, elementwise),
-                            lambda: jnp.zeros_like(row, dtype=bool))
-
-        if len(g) == 1:
-            out.append(one((x[0], None if kp is None else kp[0], floor[0], flag[0]))[None])
-        else:
-            out.append(lax.map(one, (x, kp, floor, flag)))
-    return leaf_groups.unstack(out, groups, len(xs), like=xs)
 
 
 @functools.partial(jax.jit, static_argnums=3)  # eagerly: one program per leaf shape
