@@ -30,3 +30,42 @@ def _one_device_grouping(request, monkeypatch):
     checks."""
     if not request.module.__name__.endswith("test_sharding"):
         monkeypatch.setattr(leaf_groups, "_FLATTEN", True)
+
+
+# Scheduling only (a wrong number costs time, never a result). xdist (--dist loadfile) hands out
+# whole files in collection order (--no-loadscope-reorder in addopts); this puts the files that
+# take longest first, so that no long file starts last and keeps one core busy alone at the end
+# (by default xdist orders files by their number of tests, which put the one-test benchmarks
+# smoke run, minutes long, last). Rough seconds of a test on one loaded core: a slow or examples
+# test 20, others 2, and the long ones below (measured with --durations).
+SECONDS = {
+    "test_quick_run_writes_every_section_header_field_and_plot": 200,
+    "test_example_runs_with_tiny_settings_and_prints_its_evidence": 40,
+    "test_notebooks_run_top_to_bottom_in_real_kernels": 120,
+    "test_transformations_give_the_masks_of_the_shape_grouping": 90,
+    "test_layer_axis_and_kept_masks_give_the_masks_of_the_shape_grouping": 80,
+    "test_doc_page_snippets_run_in_order": 45,
+    "test_readme_block_runs_alone_in_a_fresh_interpreter": 15,
+    "test_linen_zoo_train_mode_shrinks_to_the_masked_model": 40,
+    "test_language_model_perplexity_ordering": 70,
+    "test_same_training_under_jit_pmap_and_sharded_batch": 35,
+    "test_masked_semantics_is_the_zero_removed_model_for_every_spelling": 25,
+    "test_cnn_batchnorm_residual_linen_shrunk_equals_masked": 20,
+    "test_fused_magnitude_scores_give_the_masks_of_materialised_scores": 20,
+    "test_transformer_block_linen_prunes_whole_heads_and_mlp": 20,
+    "test_eager_jit_prune_pruned_sparse_training_lottery_and_structured_count_alike": 20,
+    "test_guard_over_stacks_of_equal_leaves_matches_the_reference": 20,
+    "test_stacked_mask_update_equals_the_per_leaf_update": 15,
+}
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected: only the tests that run count
+def pytest_collection_modifyitems(config, items):
+    def seconds(item):
+        slow = item.get_closest_marker("slow") or item.get_closest_marker("examples")
+        return SECONDS.get(getattr(item, "originalname", item.name), 20 if slow else 2)
+
+    cost = {}
+    for item in items:
+        cost[item.nodeid.split("::")[0]] = cost.get(item.nodeid.split("::")[0], 0) + seconds(item)
+    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: a file keeps its order
