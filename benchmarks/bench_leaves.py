@@ -40,7 +40,7 @@ from flax import linen as nn
 import jaxprune
 
 FULL = dict(leaves=(8, 128, 512), width=256, compile_repeats=2, step_repeats=7)
-QUICK = dict(leaves=(8, 32), width=64, compile_repeats=1, step_repeats=5)
+QUICK = dict(leaves=(4, 16), width=64, compile_repeats=1, step_repeats=5)
 # Transformers: --leaves counts layers.
 FULL_LM = dict(leaves=(12, 24), width=128, compile_repeats=2, step_repeats=7)
 QUICK_LM = dict(leaves=(1,), width=16, compile_repeats=1, step_repeats=3)
