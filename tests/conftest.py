@@ -49,17 +49,17 @@ def _one_device_grouping(request, monkeypatch):
 # take longest first, so that no long file starts last and keeps one core busy alone at the end
 # (by default xdist orders files by their number of tests, which put the one-test benchmarks
 # smoke run, minutes long, last). Rough seconds of a test on one loaded core: a slow or examples
-# test 20, others 2, and the long ones below (measured with --durations).
+# test 20, others 2, and the long ones below (measured with --durations, at LLVM level 0).
 SECONDS = {
-    "test_quick_run_writes_every_section_header_field_and_plot": 200,
+    "test_quick_run_writes_every_section_header_field_and_plot": 120,
     "test_example_runs_with_tiny_settings_and_prints_its_evidence": 40,
-    "test_notebooks_run_top_to_bottom_in_real_kernels": 120,
-    "test_transformations_give_the_masks_of_the_shape_grouping": 90,
-    "test_layer_axis_and_kept_masks_give_the_masks_of_the_shape_grouping": 80,
-    "test_doc_page_snippets_run_in_order": 45,
+    "test_notebooks_run_top_to_bottom_in_real_kernels": 70,
+    "test_transformations_give_the_masks_of_the_shape_grouping": 30,
+    "test_layer_axis_and_kept_masks_give_the_masks_of_the_shape_grouping": 20,
+    "test_doc_page_snippets_run_in_order": 15,
     "test_readme_block_runs_alone_in_a_fresh_interpreter": 15,
     "test_linen_zoo_train_mode_shrinks_to_the_masked_model": 40,
-    "test_language_model_perplexity_ordering": 70,
+    "test_language_model_perplexity_ordering": 30,
     "test_same_training_under_jit_pmap_and_sharded_batch": 35,
     "test_masked_semantics_is_the_zero_removed_model_for_every_spelling": 25,
     "test_cnn_batchnorm_residual_linen_shrunk_equals_masked": 20,
