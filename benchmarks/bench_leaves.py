@@ -216,10 +216,10 @@ def table(results: dict, width: int, model: str = "mlp") -> str:
         cells = [f"{_fmt(r['compile'][k])} ({statistics.median(r['compile'][k]) / base:.1f}x)"
                  for k in names]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    bursts = sorted({r["burst"] for r in results.values()})
+    bursts = ", ".join(f"{r['burst']} at {n}" for n, r in results.items())
     lines += ["", f"Step time (ms), same models; ratio: median of per-round ratios to plain "
               "adam (ordinary: masks fixed; local/global/pruned/rigl/set: masks recomputed every "
-              f"step); each timing is a burst of {'/'.join(map(str, bursts))} consecutive steps.",
+              f"step); each timing is a burst of consecutive steps ({bursts}).",
               "",
               f"| {first} | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
