@@ -6,12 +6,13 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 # The suite is compile-bound: most tests jit small programs once, and XLA:CPU
 # spends most of each compile in LLVM's optimisation passes. Level 0 skips
-# those (XLA's own HLO passes, fusion included, still run): the default run
-# takes about a fifth less time. Nothing the tests check (masks, counts,
-# shrunk == masked outputs, bit-identical resume) depends on LLVM's level;
-# JAXPRUNE_TEST_XLA_OPT=default runs the suite at XLA's default level, which
-# is what users' programs get. Subprocesses (README blocks, examples,
-# notebooks) inherit the flag.
+# those (XLA's own HLO passes, fusion included, still run): the whole suite
+# takes a third to two fifths less time. Every comparison a test makes is
+# between programs compiled at one level (LLVM's levels may round floats
+# differently, so a subprocess must inherit these flags, as the fresh-process
+# resume test does); JAXPRUNE_TEST_XLA_OPT=default runs the suite at XLA's
+# default level, which is what users' programs get. Subprocesses (README
+# blocks, examples, notebooks) inherit the flag.
 if (os.environ.get("JAXPRUNE_TEST_XLA_OPT") != "default"
         and "--xla_backend_optimization_level" not in _flags):
     _flags += " --xla_backend_optimization_level=0"
